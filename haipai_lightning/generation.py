@@ -1,0 +1,81 @@
+"""Autoregressive sampling with a KV cache, and loading a model from a checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from haipai_lightning.checkpoint import CHECKPOINT_KEY, build_component, load_checkpoint_file
+from haipai_lightning.config import ConfigError, ModelConfig
+from haipai_lightning.model import HaipaiModel
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 100
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int | None = 50
+    top_p: float | None = 0.95
+    seed: int | None = 0
+
+
+def sample_next(logits: torch.Tensor, s: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,), applying temperature, top-k and top-p (nucleus)."""
+    if s.temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / s.temperature
+    if s.top_k is not None and s.top_k > 0:
+        kth = torch.topk(logits, min(s.top_k, logits.size(-1))).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p is not None and s.top_p < 1.0:
+        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass *before* it already reaches top_p (the top token always stays)
+        drop = probs.cumsum(-1) - probs >= s.top_p
+        logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: HaipaiModel, input_ids: torch.Tensor, s: SamplingConfig) -> torch.Tensor:
+    """input_ids (B, T) -> (B, T + new): one prefill, then one cached step per new token."""
+    model.eval()
+    total = input_ids.size(1) + s.max_new_tokens
+    if total > model.cfg.max_seq_len:
+        raise ValueError(
+            f"prompt ({input_ids.size(1)} tokens) + max_new_tokens ({s.max_new_tokens}) exceeds "
+            f"model.config.max_seq_len={model.cfg.max_seq_len}; shorten the prompt or lower max_new_tokens"
+        )
+    gen = None
+    if s.seed is not None:
+        gen = torch.Generator(device=input_ids.device).manual_seed(s.seed)
+    cache = model.new_cache(total)
+    logits = model(input_ids, cache=cache).logits[:, -1]
+    out = [input_ids]
+    for _ in range(s.max_new_tokens):
+        nxt = sample_next(logits.float(), s, gen)[:, None]  # (B, 1)
+        out.append(nxt)
+        logits = model(nxt, cache=cache).logits[:, -1]
+    return torch.cat(out, dim=1)
+
+
+def load_model(ckpt_path: str, map_location: str = "cpu") -> tuple[HaipaiModel, Any]:
+    """Rebuild a HaipaiModel (and its tokenizer, if saved) from a Haipai checkpoint."""
+    ckpt = load_checkpoint_file(ckpt_path, map_location)
+    meta = ckpt.get(CHECKPOINT_KEY)
+    if meta is None:
+        raise ConfigError(f"{ckpt_path!r} is not a Haipai checkpoint (no 'haipai' section)")
+    arch = meta["arch"]
+    model = HaipaiModel(ModelConfig.from_dict(arch["config"]),
+                        *(build_component(arch[k]) for k in ("mixer", "mlp", "router")))
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    model.load_state_dict(state)
+    tokenizer = None
+    if meta.get("tokenizer"):
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_str(meta["tokenizer"])
+    return model.eval(), tokenizer

@@ -1,0 +1,3 @@
+from haipai_lightning.mixers.attention import Attention
+
+__all__ = ["Attention"]

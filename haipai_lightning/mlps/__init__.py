@@ -1,0 +1,3 @@
+from haipai_lightning.mlps.dense import SwiGLU
+
+__all__ = ["SwiGLU"]

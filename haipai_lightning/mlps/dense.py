@@ -1,0 +1,28 @@
+"""Dense SwiGLU MLP (Llama)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from haipai_lightning.config import ModelConfig
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x); hidden size from `ModelConfig.ffn_dim` unless given."""
+
+    def __init__(self, cfg: ModelConfig, hidden: int | None = None) -> None:
+        """Args:
+            cfg: the model configuration (given by the model).
+            hidden: hidden size override (None = cfg.ffn_dim).
+        """
+        super().__init__()
+        h = hidden or cfg.ffn_dim
+        self.w1 = nn.Linear(cfg.d_model, h, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.d_model, h, bias=False)  # up
+        self.w2 = nn.Linear(h, cfg.d_model, bias=False)  # down
+        self.w2.is_residual_out = True  # scaled init, see HaipaiModel._init
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., D)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
