@@ -11,9 +11,10 @@ import os
 import sys
 from typing import Any
 
-from jsonargparse import set_parsing_settings
+from jsonargparse import ArgumentError, ArgumentParser, set_parsing_settings
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from haipai_lightning.checkpoint import SafeCheckpointIO
 from haipai_lightning.config import ConfigError
@@ -30,13 +31,19 @@ class HaipaiCLI(LightningCLI):
         # one source of truth: the BPE the data module trains sets the embedding size
         parser.link_arguments("data.vocab_size", "model.config.vocab_size")
 
+    def instantiate_trainer(self, **kwargs: Any):
+        trainer = super().instantiate_trainer(**kwargs)
+        # every checkpoint the CLI reads (resume, validate, test) loads with weights_only=True
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = SafeCheckpointIO()
+        return trainer
+
 
 def trainer_defaults() -> dict[str, Any]:
     return {
         "precision": "32-true",
         "gradient_clip_val": 1.0,
         "log_every_n_steps": 10,
-        "plugins": [SafeCheckpointIO()],
         "callbacks": [
             # last.ckpt every validation and on Ctrl-C / SIGTERM (save_on_exception), the best by val/loss
             ModelCheckpoint(monitor="val/loss", save_top_k=1, save_last=True, save_on_exception=True,
@@ -46,7 +53,7 @@ def trainer_defaults() -> dict[str, Any]:
     }
 
 
-def run_cli(args: list[str] | None = None) -> HaipaiCLI:
+def run_cli(args: list[str] | None = None, run: bool = True) -> HaipaiCLI:
     from datamodules import TextDataModule
 
     return HaipaiCLI(
@@ -54,8 +61,11 @@ def run_cli(args: list[str] | None = None) -> HaipaiCLI:
         TextDataModule,
         trainer_defaults=trainer_defaults(),
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": "Haipai: train small language models with Mixture-of-Recursions."},
+        # parse errors raise (instead of printing the whole usage) so main() can print one line
+        parser_kwargs={"description": "Haipai: train small language models with Mixture-of-Recursions.",
+                       "exit_on_error": False},
         args=args,
+        run=run,
     )
 
 
@@ -98,17 +108,27 @@ def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     try:
         if argv and argv[0] == "generate":
-            from jsonargparse import auto_cli
-
-            auto_cli(generate_command, args=argv[1:])
+            parser = ArgumentParser(prog="haipai generate", description=generate_command.__doc__.splitlines()[0])
+            parser.add_function_arguments(generate_command, as_positional=False)
+            cfg = parser.parse_args(argv[1:])
+            generate_command(**cfg.as_dict())
         else:
-            run_cli(argv)
+            run_cli(None if args is None else argv)
+    except ArgumentError as e:
+        print(f"haipai: error: {_one_line(str(e))} (see `haipai {argv[0] if argv else ''} --help`)", file=sys.stderr)
+        sys.exit(2)
     except (ConfigError, FileNotFoundError) as e:
         # a user-fixable mistake: one line naming the field and the fix
         if os.environ.get("HAIPAI_DEBUG"):
             raise
         print(f"haipai: error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def _one_line(msg: str) -> str:
+    """jsonargparse explains nested errors over several lines; keep the informative ones."""
+    lines = [l.strip(" -") for l in msg.splitlines() if l.strip(" -")]
+    return "; ".join(dict.fromkeys(lines))[:500]
 
 
 if __name__ == "__main__":

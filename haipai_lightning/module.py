@@ -12,7 +12,6 @@ The YAML swaps components by `class_path` (LightningCLI dependency injection):
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any, Callable
 
@@ -119,7 +118,6 @@ class MoRLightningModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._t_last = None
-        _resume_data_order(self.trainer)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         _, lm, out = self._loss(batch)
@@ -201,18 +199,3 @@ def _plain(v: Any) -> Any:
         return component_spec(v)
     except ConfigError:
         return repr(v)
-
-
-def _resume_data_order(trainer: "L.Trainer") -> None:
-    """After a mid-epoch resume, make the shuffled sampler skip the batches already trained on.
-
-    Lightning restores the step counters but restarts a plain DataLoader's iteration;
-    our sampler's order is a pure function of (seed, epoch), so skipping the done
-    batches continues the exact data stream of the interrupted run.
-    """
-    dl = trainer.train_dataloader
-    sampler = getattr(dl, "sampler", None)
-    if not hasattr(sampler, "skip") or not trainer.num_training_batches or math.isinf(trainer.num_training_batches):
-        return
-    done = trainer.global_step * trainer.accumulate_grad_batches - trainer.current_epoch * trainer.num_training_batches
-    sampler.skip = max(0, int(done)) * dl.batch_size
