@@ -23,8 +23,10 @@ CHECKPOINT_KEY = "haipai"
 
 def component_spec(factory: Any) -> dict[str, Any] | None:
     """class / functools.partial (incl. jsonargparse's callables) / spec dict -> {class_path, init_args}."""
-    if factory is None or isinstance(factory, dict):
-        return factory
+    if factory is None:
+        return None
+    if isinstance(factory, dict):
+        return {"class_path": factory["class_path"], "init_args": dict(factory.get("init_args") or {})}
     init_args: dict[str, Any] = {}
     if isinstance(factory, functools.partial):
         init_args = dict(factory.keywords)

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from haipai_lightning.checkpoint import SafeCheckpointIO
+from haipai_lightning.checkpoint import SafeCheckpointIO, arch_diff, component_spec
 from haipai_lightning.config import ConfigError
 from haipai_lightning.module import MoRLightningModule
 
@@ -31,12 +31,33 @@ class HaipaiCLI(LightningCLI):
         # one source of truth: the BPE the data module trains sets the embedding size
         parser.link_arguments("data.vocab_size", "model.config.vocab_size")
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI replaces the model's arguments by the checkpoint's hyperparameters.
+        # An architecture the user asked for explicitly must not be dropped silently.
+        sub = self.config.get("subcommand")
+        before = _arch_of(self.config[sub]) if sub else None
+        super()._parse_ckpt_path()
+        if before is not None:
+            diffs = arch_diff(_arch_of(self.config[sub]), before)
+            if diffs:
+                raise ConfigError(
+                    "the checkpoint has another architecture: " + "; ".join(diffs[:4])
+                    + " -- drop the conflicting options or start without --ckpt_path"
+                )
+
     def instantiate_trainer(self, **kwargs: Any):
         trainer = super().instantiate_trainer(**kwargs)
         # every checkpoint the CLI reads (resume, validate, test) loads with weights_only=True
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = SafeCheckpointIO()
         return trainer
+
+
+def _arch_of(cfg: Any) -> dict[str, Any]:
+    model = cfg.model.as_dict() if hasattr(cfg.model, "as_dict") else dict(cfg.model)
+    arch = {k: component_spec(model.get(k)) for k in ("mixer", "mlp", "router")}
+    arch["config"] = model.get("config") or {}
+    return arch
 
 
 def trainer_defaults() -> dict[str, Any]:
