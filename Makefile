@@ -21,7 +21,7 @@ quickstart: venv
 	$(BIN)/haipai fit --config configs/quickstart.yaml
 
 test: venv
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -q tests
 
 clean:
 	rm -rf $(VENV) lightning_logs .haipai_cache
