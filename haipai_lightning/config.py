@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 Sharing = Literal["cycle", "sequence", "middle_cycle", "middle_sequence"]
 SHARING_STRATEGIES: tuple[str, ...] = ("cycle", "sequence", "middle_cycle", "middle_sequence")
+KVMode = Literal["recursion_wise", "shared"]
 
 
 class ConfigError(ValueError):
@@ -46,6 +47,13 @@ class ModelConfig:
     """Parameter sharing across recursions: cycle, sequence, middle_cycle or middle_sequence."""
     n_recursions: int = 1
     """Recursion count Nr in 1..4 (1 = vanilla Transformer, no sharing)."""
+    kv_mode: KVMode = "recursion_wise"
+    """MoR attention across recursion steps: recursion_wise (step r attends among the tokens active at r)
+    or shared (steps r>1 reuse step 1's keys/values of all tokens; only active tokens form queries)."""
+    mod_capacity: float = 0.0
+    """Mixture-of-Depths on the unshared layers: fraction of tokens each MoD layer processes (0 = off)."""
+    mod_every: int = 2
+    """Every mod_every-th unshared layer (the 2nd, 4th, ...) is a Mixture-of-Depths layer."""
     init_std: float = 0.02
     """Standard deviation of the normal weight initialisation."""
 
@@ -101,6 +109,12 @@ class ModelConfig:
                 f"model.config.n_layers={self.n_layers} cannot hold n_recursions={self.n_recursions} with "
                 f"sharing={self.sharing}: {need} must be a positive multiple of n_recursions; "
                 f"use n_layers in {ok[:4]} or change n_recursions"
+            )
+        if self.kv_mode not in ("recursion_wise", "shared"):
+            raise ConfigError(f"model.config.kv_mode={self.kv_mode!r}: use recursion_wise or shared")
+        if not 0.0 <= self.mod_capacity <= 1.0 or self.mod_every < 1:
+            raise ConfigError(
+                f"model.config.mod_capacity={self.mod_capacity} must be in [0, 1] and mod_every={self.mod_every} >= 1"
             )
         for name in ("vocab_size", "d_model", "max_seq_len"):
             if getattr(self, name) < 1:

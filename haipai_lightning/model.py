@@ -18,10 +18,10 @@ from torch import nn
 from haipai_lightning.cache import KVCache, LayerKV
 from haipai_lightning.config import ConfigError, ModelConfig
 from haipai_lightning.layers import RotaryEmbedding
-from haipai_lightning.mixers.attention import Attention
+from haipai_lightning.mixers.attention import Attention, KVShare
 from haipai_lightning.mlps.dense import SwiGLU
-from haipai_lightning.recursion import make_schedule
-from haipai_lightning.routers import FullRecursion, RouterRecord
+from haipai_lightning.recursion import Selection, make_schedule
+from haipai_lightning.routers import FullRecursion, RouterRecord, TopKGate, capacity_k
 
 Factory = Callable[[ModelConfig], nn.Module]
 
@@ -43,8 +43,12 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = mlp(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: LayerKV | None = None) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x), cos, sin, kv)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: LayerKV | None = None,
+        share: KVShare | None = None,
+    ) -> torch.Tensor:
+        x = x + self.mixer(self.mixer_norm(x), cos, sin, kv, share) if share is not None else \
+            x + self.mixer(self.mixer_norm(x), cos, sin, kv)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -67,6 +71,20 @@ class HaipaiModel(nn.Module):
             Block(cfg, mixer or Attention, mlp or SwiGLU) for _ in range(self.schedule.n_unique)
         )
         self.router = (router or FullRecursion)(cfg)
+        # Mixture-of-Depths gates for every mod_every-th unshared layer application (prelude/coda,
+        # or every layer of a vanilla Nr=1 model), keyed by the application index.
+        unshared = [a for a, (_, r) in enumerate(self.order) if r is None or cfg.n_recursions == 1]
+        mod_apps = unshared[cfg.mod_every - 1 :: cfg.mod_every] if cfg.mod_capacity > 0 else []
+        self.mod_gates = nn.ModuleDict({str(a): TopKGate(cfg.d_model) for a in mod_apps})
+        self.mod_aux_loss_weight = 0.001
+        if cfg.kv_mode == "shared" and not self.schedule.cycle:
+            raise ConfigError(f"model.config.kv_mode=shared needs a cycle strategy (got sharing={cfg.sharing})")
+        caps = getattr(self.router, "capacities", None)
+        if cfg.kv_mode == "shared" and caps is not None and caps[0] < 1:
+            raise ConfigError(
+                f"model.config.kv_mode=shared reuses step 1's keys/values of every token, so the first "
+                f"capacity must be 1 (model.router.init_args.capacities={caps})"
+            )
         if not self.schedule.cycle and not isinstance(self.router, FullRecursion):
             raise ConfigError(
                 f"model.router {type(self.router).__name__} needs a cycle strategy; "
@@ -101,34 +119,59 @@ class HaipaiModel(nn.Module):
     def new_cache(self, max_len: int | None = None) -> KVCache:
         return KVCache(len(self.order), max_len or self.cfg.max_seq_len)
 
+    @property
+    def supports_kv_cache(self) -> bool:
+        """Decoding with a KV cache is exact for full recursion without KV sharing or MoD.
+
+        Routed models decode by re-running the (causal) forward until the MoR-aware
+        per-recursion caches arrive (generation.py falls back automatically).
+        """
+        return isinstance(self.router, FullRecursion) and self.cfg.kv_mode == "recursion_wise" and not self.mod_gates
+
     # ---------------------------------------------------------------- forward
     def forward(
         self, input_ids: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None
     ) -> ModelOutput:
         """input_ids (B, T) -> ModelOutput(logits (B, T, V)). With a cache, T new tokens follow `cache.seen`."""
         B, T = input_ids.shape
+        if cache is not None and not self.supports_kv_cache:
+            raise ValueError("this model routes tokens; decode without a KV cache (generation.py does this)")
         if positions is None:
             start = cache.seen if cache is not None else 0
             positions = torch.arange(start, start + T, device=input_ids.device)  # (T,)
         records: list[RouterRecord] = []
+        state: dict = {}  # per-forward routing state (previous selection, token depths)
+        share_store: dict = {}  # recursive KV sharing: step-1 keys/values per shared layer slot
         h = self.embed(input_ids)  # (B, T, D)
 
-        def apply(h: torch.Tensor, pos: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        def apply(h: torch.Tensor, sel: Selection, lo: int, hi: int, step: int | None = None) -> torch.Tensor:
+            """Run layer applications lo..hi-1 on h (B, k, D), the tokens `sel` of the sequence."""
+            pos = sel.positions(positions)  # original RoPE positions of the gathered tokens
             cos, sin = self.rope(pos)
+            share = None
             for a in range(lo, hi):
-                h = self.layers[self.order[a][0]](h, cos, sin, cache[a] if cache is not None else None)
+                layer = self.layers[self.order[a][0]]
+                if step is not None and self.cfg.kv_mode == "shared":
+                    share = KVShare(share_store, a - lo, step > 0, _share_mask(pos, T) if step > 0 else None)
+                kv = cache[a] if cache is not None else None
+                if str(a) in self.mod_gates:
+                    h = self._mod(a, layer, h, positions, records)
+                else:
+                    h = layer(h, cos, sin, kv, share)
             return h
 
         n_pre = len(self.schedule.prelude)
-        h = apply(h, positions, 0, n_pre)
+        full = Selection.full(T)
+        h = apply(h, full, 0, n_pre)
         if self.schedule.cycle:
-            for r, (lo, hi) in enumerate(self.schedule.step_slices()):
-                h = self.router.step(r, h, lambda x, p, lo=lo, hi=hi: apply(x, p, lo, hi), positions, records)
-            end = self.schedule.step_slices()[-1][1] if self.schedule.shared else n_pre
+            slices = self.schedule.step_slices()
+            for r, (lo, hi) in enumerate(slices):
+                h = self.router.step(r, h, lambda x, sel, lo=lo, hi=hi, r=r: apply(x, sel, lo, hi, r), state, records)
+            end = slices[-1][1]
         else:
             end = n_pre + len(self.schedule.shared) * self.schedule.n_recursions
-            h = apply(h, positions, n_pre, end)
-        h = apply(h, positions, end, len(self.order))
+            h = apply(h, full, n_pre, end)
+        h = apply(h, full, end, len(self.order))
         if cache is not None:
             cache.seen += T
         logits = self.head(self.norm(h))
@@ -136,3 +179,31 @@ class HaipaiModel(nn.Module):
             f"{rec.name}/{k}": rec.aux_weights.get(k, 1.0) * v for rec in records for k, v in rec.aux_losses.items()
         }
         return ModelOutput(logits=logits, aux_losses=aux, records=records)
+
+    def _mod(self, a: int, layer: Block, h: torch.Tensor, positions: torch.Tensor, records: list) -> torch.Tensor:
+        """Mixture-of-Depths around one unshared layer: the top-capacity tokens run it, the rest skip.
+
+        Output of a routed token: h + sigmoid(logit) * (layer(h) - h) (MoD, Raposo et al. 2024).
+        Inference routes causally by the gate's 0.5 threshold, trained by the BCE aux loss.
+        """
+        B, T, _ = h.shape
+        gate: TopKGate = self.mod_gates[str(a)]
+        full = Selection.full(T)
+        k = capacity_k(self.cfg.mod_capacity, T)
+        sel, logits, aux, metrics = gate.decide(h, full, k, use_threshold=not self.training)
+        x = sel.gather(h)
+        if x.size(1):
+            pos = sel.positions(positions)
+            cos, sin = self.rope(pos)
+            g = torch.sigmoid(sel.gather(logits[..., None]))
+            x = x + g * (layer(x, cos, sin) - x)
+        records.append(RouterRecord(f"mod/layer{a}", "mod", torch.sigmoid(logits.detach()), sel.mask(B, h.device),
+                                    aux, {"bce": self.mod_aux_loss_weight}, metrics))
+        return sel.scatter(h, x)
+
+
+def _share_mask(q_pos: torch.Tensor, T: int) -> torch.Tensor:
+    """q_pos (B, k) or (T,) -> bool (B, 1, k, T): query at position p sees keys at positions <= p."""
+    keys = torch.arange(T, device=q_pos.device)
+    m = keys <= q_pos[..., None]  # (B, k, T) or (T, T)
+    return m[:, None] if m.dim() == 3 else m
