@@ -124,6 +124,9 @@ class MoRLightningModule(L.LightningModule):
         n = (batch["labels"] != -100).sum()
         self.val_loss.update(lm, weight=n)
         self.val_ppl.update(out.logits.float(), batch["labels"])
+        for rec in out.records:  # causal threshold routing vs the top-k it imitates
+            if "sampling_acc" in rec.metrics:
+                self.log(f"val/sampling_acc/{rec.name}", rec.metrics["sampling_acc"], on_step=False, on_epoch=True)
         self.log("val/loss", self.val_loss, prog_bar=True, on_step=False, on_epoch=True)
         self.log("val/ppl", self.val_ppl, on_step=False, on_epoch=True)
 
