@@ -99,7 +99,9 @@ class MoRLightningModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         total, lm, out = self._loss(batch)
-        self.last_records = out.records
+        # the routing of this step, for telemetry / FLOP counting; detached so no graph is kept alive
+        self.last_records = [dataclasses.replace(r, aux_losses={k: v.detach() for k, v in r.aux_losses.items()})
+                             for r in out.records]
         self.log("train/loss", lm, prog_bar=True)
         self.log("train/ppl", torch.exp(lm.detach()))
         for name, v in out.aux_losses.items():

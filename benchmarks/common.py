@@ -1,0 +1,51 @@
+"""Shared helpers for benchmarks: timing, tables, JSON output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc)
+    p.add_argument("--quick", action="store_true", help="smaller run, about a minute on 2 cores")
+    p.add_argument("--json", default=None, help="write the figures to this JSON file")
+    return p
+
+
+def time_fn(fn: Callable[[], Any], warmup: int = 1, reps: int = 3) -> float:
+    """Median wall time of fn() in seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def table(rows: list[dict[str, Any]], cols: list[str]) -> str:
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    line = lambda xs: "| " + " | ".join(x.ljust(w) for x, w in zip(xs, widths)) + " |"  # noqa: E731
+    return "\n".join([line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
+
+
+def write_json(path: str | None, headline: dict[str, float], **rest: Any) -> None:
+    if not path:
+        return
+    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+            "cpus": os.cpu_count()}
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"headline": headline, "env": info, **rest}, f, indent=2)
+    os.replace(tmp, path)

@@ -1,0 +1,68 @@
+"""Training FLOPs actually spent, counted from what the routers decided.
+
+IsoFLOP comparisons (the MoR paper's section 3) need the compute a routed model really
+spent: a token that exits after one recursion costs one pass through the shared block.
+We count matmul FLOPs (2 per multiply-accumulate) of one forward pass from the routing
+records of that pass, and take training = 3 x forward (the backward pass costs about two
+forwards: gradients for activations and for weights).
+
+Counted: every Linear of every layer application on the tokens it processed; attention
+score and value products over the (query, key) pairs actually formed; the output head.
+Not counted: norms, activations, softmax, routers (all O(d) per token, < 1% here).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from haipai_lightning.routers import RouterRecord
+
+
+def _linear_macs(module: torch.nn.Module, skip: tuple[str, ...] = ()) -> int:
+    return sum(m.weight.numel() for n, m in module.named_modules()
+               if isinstance(m, torch.nn.Linear) and not any(n.endswith(s) for s in skip))
+
+
+def step_masks(model, records: list[RouterRecord], B: int, T: int) -> tuple[list[torch.Tensor | None], dict]:
+    """Per recursion step, the bool (B, T) mask of tokens that ran it (None = all); MoD masks by application."""
+    nr = model.schedule.n_recursions
+    steps: list[torch.Tensor | None] = [None] * nr
+    mod: dict[int, torch.Tensor] = {}
+    for rec in records:
+        if rec.kind == "depth_expert_choice":
+            steps[int(rec.name.removeprefix("depth/step"))] = rec.selected
+        elif rec.kind == "depth_token_choice":
+            steps = [rec.selected > r for r in range(nr)]  # depth i runs steps 0..i-1
+        elif rec.kind == "mod":
+            mod[int(rec.name.removeprefix("mod/layer"))] = rec.selected
+    return steps, mod
+
+
+def forward_flops(model, records: list[RouterRecord], B: int, T: int) -> float:
+    """Matmul FLOPs of one forward pass of `model` on a (B, T) batch, given its routing records."""
+    cfg = model.cfg
+    d_attn = cfg.n_heads * cfg.head_dim
+    steps, mod = step_masks(model, records, B, T)
+    shared_kv = cfg.kv_mode == "shared"
+    full_pairs = B * T * (T + 1) / 2  # causal (query, key) pairs of a full sequence
+    pos1 = torch.arange(1, T + 1)
+    flops = 2.0 * B * T * cfg.d_model * cfg.vocab_size  # output head
+    for a, (layer_id, r) in enumerate(model.order):
+        layer = model.layers[layer_id]
+        mask = mod.get(a) if r is None else steps[r]
+        reuse = shared_kv and r is not None and r > 0
+        if mask is None:
+            tokens, pairs = B * T, full_pairs
+        else:
+            counts = mask.sum(1).double()
+            tokens = float(counts.sum())
+            # recursion-wise: the active tokens attend among themselves; shared KV: a query at
+            # position p sees the p + 1 step-1 keys
+            pairs = float((pos1 * mask).sum()) if reuse else float((counts * (counts + 1) / 2).sum())
+        macs = _linear_macs(layer, skip=("mixer.wk", "mixer.wv") if reuse else ())
+        flops += 2.0 * tokens * macs + 2.0 * 2.0 * pairs * d_attn  # QK^T and AV
+    return flops
+
+
+def training_flops(model, records: list[RouterRecord], B: int, T: int) -> float:
+    return 3.0 * forward_flops(model, records, B, T)
