@@ -5,7 +5,7 @@ the same effective shape (8 layers, middle-cycle sharing), each trained until it
 the same training-FLOP budget (counted from what its routers decided, callbacks.FlopBudget),
 then evaluated on the same validation blocks.
 
-    python benchmarks/isoflop.py [--quick] [--json out.json] [--budget 3e13]
+    python benchmarks/isoflop.py [--quick] [--json out.json] [--budget 8e12]
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=None, help="training FLOPs per model")
     args = p.parse_args()
     d, seq, batch = (128, 128, 16) if args.quick else (192, 128, 16)
-    budget = args.budget or (2e12 if args.quick else 2e13)
+    val_batches = 20 if args.quick else 1.0  # the same validation blocks for every model
+    budget = args.budget or (1e12 if args.quick else 8e12)
     dm = TextDataModule(source="kjv", seq_len=seq, batch_size=batch, vocab_size=4096)
     dm.prepare_data()
     dm.setup("fit")
@@ -64,7 +65,9 @@ def main() -> None:
         t0 = time.perf_counter()
         trainer.fit(module, datamodule=dm)
         train_s = time.perf_counter() - t0
-        val = trainer.validate(module, datamodule=dm, verbose=False)[0]
+        evaluator = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                              enable_model_summary=False, limit_val_batches=val_batches)
+        val = evaluator.validate(module, datamodule=dm, verbose=False)[0]
         n = module.model.num_parameters()
         rows.append({"model": key, "Nr": nr, "router": router.__name__, "unique params": n["unique"],
                      "effective params": n["effective"], "steps": trainer.global_step, "tokens": fb.tokens,

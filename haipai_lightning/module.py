@@ -134,6 +134,12 @@ class MoRLightningModule(L.LightningModule):
 
     test_step = validation_step
 
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Per-block mean negative log-likelihood (nats) and the model's greedy next tokens."""
+        out = self(batch["input_ids"])
+        nll = F.cross_entropy(out.logits.transpose(1, 2).float(), batch["labels"], ignore_index=-100, reduction="none")
+        return {"nll": nll.mean(1), "argmax": out.logits.argmax(-1)}
+
     # ---------------------------------------------------------------- optim
     def configure_optimizers(self) -> Any:
         opt = self.optimizer_factory(param_groups(self.model))

@@ -1,6 +1,7 @@
 """The `haipai` command: end-to-end fit -> checkpoint -> generate, and one-line errors for bad input."""
 
 import glob
+import math
 import os
 import subprocess
 import sys
@@ -61,6 +62,19 @@ def test_tensorboard_scalars_logged(tmp_path, cache):
     ev.Reload()
     tags = set(ev.Tags()["scalars"])
     assert {"train/loss", "train/ppl", "train/tokens_per_s", "val/loss", "val/ppl", "lr-AdamW/decay"} <= tags, tags
+    # the quickstart routes (expert-choice): every aux term and the threshold agreement are logged
+    assert {"train/aux/depth/step1/bce", "train/total_loss", "val/sampling_acc/depth/step1"} <= tags, tags
+
+
+def test_predict_returns_nll(tmp_path, cache):
+    from haipai_lightning.cli import run_cli
+
+    cli = run_cli(["--config", QUICK, *SMALL, "--data.cache_dir", cache, "--trainer.logger", "false"], run=False)
+    cli.datamodule.prepare_data()
+    cli.datamodule.setup("predict")
+    out = cli.trainer.predict(cli.model, dataloaders=cli.datamodule.predict_dataloader())
+    assert out[0]["nll"].shape == (4,) and (out[0]["nll"] > 0).all()
+    assert out[0]["nll"].mean() == pytest.approx(math.log(512), abs=0.5)  # untrained: about uniform
 
 
 def test_bad_heads(capsys):
