@@ -1,37 +1,133 @@
-"""Key/value caches for decoding: one cache per layer *application*.
+"""Key/value caches for decoding: one cache per layer *application*, ragged per row.
 
-A shared layer applied at recursion steps 1..Nr sees different hidden states at
-each step, so its keys/values differ per step: the cache is indexed by the
-position of the application in the execution order (`Schedule.order()`), not by
-the unique layer.
+A shared layer applied at recursion steps 1..Nr sees different hidden states at each step,
+so its keys/values differ per step: the cache is indexed by the position of the application
+in the execution order (`Schedule.order()`), not by the unique layer.
+
+Rows are ragged. Under MoR routing a token only leaves keys/values at the recursion steps it
+visits (recursion-wise caching), so each row of a step's cache holds its own number of
+entries. `LayerKV` keeps per-row lengths and the absolute position of every entry; an update
+appends each row's valid new entries after its own last one and returns the mask under which
+a new query sees exactly the cached tokens at or before it. `KVView` addresses a subset of
+rows (the depth-wise batching engine keeps one row per (recursion step, request slot)).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 
 class LayerKV:
-    """Preallocated (B, Hkv, max_len, hd) key and value buffers for one layer application."""
+    """(R, Hkv, max_len, hd) key/value buffers with per-row lengths and entry positions."""
 
-    def __init__(self, max_len: int) -> None:
+    def __init__(self, max_len: int, rows: int | None = None) -> None:
         self.max_len = max_len
+        self.rows = rows  # None: sized by the first update
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
-        self.length = 0
+        self.pos: torch.Tensor | None = None  # (R, max_len + 1) absolute position of each entry
+        self.lengths: torch.Tensor | None = None  # (R,) entries per row
+        self.state: dict[str, Any] = {}  # recurrent mixers (Mamba) keep their decoding state here
 
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append k, v (B, Hkv, T, hd); return all cached keys/values (B, Hkv, S, hd)."""
+    def _alloc(self, R: int, H: int, hd: int, like: torch.Tensor) -> None:
+        # one spare slot at the end: padded (invalid) entries are written there and never read
+        self.k = like.new_zeros(R, H, self.max_len + 1, hd)
+        self.v = like.new_zeros(R, H, self.max_len + 1, hd)
+        self.pos = torch.full((R, self.max_len + 1), -1, dtype=torch.long, device=like.device)
+        self.lengths = torch.zeros(R, dtype=torch.long, device=like.device)
+
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Append k, v (B, Hkv, T, hd) at `positions` (B, T) to `rows` (B,) (default: rows 0..B-1).
+
+        Only entries with valid (B, T) True are stored. Returns the rows' keys and values
+        (B, Hkv, S, hd) and a mask (B, 1, T, S): new query j sees the keys stored before this
+        update plus the new ones up to itself (new tokens arrive in causal order). The mask is
+        None when no masking is needed (every row complete and aligned, one new token).
+        """
         B, H, T, hd = k.shape
         if self.k is None:
-            self.k = k.new_zeros(B, H, self.max_len, hd)
-            self.v = v.new_zeros(B, H, self.max_len, hd)
-        if self.length + T > self.k.size(2):
-            raise ValueError(f"KV cache is full ({self.k.size(2)} positions); raise max_seq_len")
-        self.k[:, :, self.length : self.length + T] = k
-        self.v[:, :, self.length : self.length + T] = v
-        self.length += T
-        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+            self._alloc(self.rows or B, H, hd, k)
+        rows_idx = torch.arange(B, device=k.device) if rows is None else rows
+        old = self.lengths[rows_idx]  # (B,)
+        j = torch.arange(T, device=k.device)
+        counts = torch.full_like(old, T) if valid is None else valid.sum(1)
+        if int((old + counts).max()) > self.max_len:
+            raise ValueError(f"KV cache is full ({self.max_len} positions); raise max_seq_len")
+        dest = old[:, None] + j[None]  # (B, T)
+        if valid is not None:
+            dest = torch.where(valid, dest, torch.full_like(dest, self.max_len))  # pads -> spare slot
+        r = rows_idx[:, None].expand(B, T)
+        self.k[r, :, dest] = k.transpose(1, 2)  # (B, T, H, hd) into (R, H, L, hd) at [row, :, dest]
+        self.v[r, :, dest] = v.transpose(1, 2)
+        self.pos[r, dest] = positions.expand(B, T) if positions.dim() == 2 else positions[None].expand(B, T)
+        new_len = old + counts
+        self.lengths[rows_idx] = new_len
+        S = int(new_len.max())
+        keys, vals = self.k[rows_idx, :, :S], self.v[rows_idx, :, :S]
+        if rows is None and valid is None and T == 1 and bool((new_len == S).all()):
+            return keys, vals, None
+        # query j (the j-th valid new token of its row) sees entries < old + j + 1
+        limit = old[:, None] + (j[None] if valid is None else (valid.cumsum(1) - 1).clamp(min=0))  # (B, T)
+        mask = torch.arange(S, device=k.device)[None, None] <= limit[..., None]  # (B, T, S)
+        return keys, vals, mask[:, None]
+
+    def read(self, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys, values, entry positions) of `rows`, up to their longest length."""
+        rows_idx = torch.arange(self.k.size(0), device=self.k.device) if rows is None else rows
+        S = int(self.lengths[rows_idx].max())
+        return self.k[rows_idx, :, :S], self.v[rows_idx, :, :S], self.pos[rows_idx, :S]
+
+    def truncate(self, keep_before: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Drop the entries of `rows` at positions >= keep_before (B,) (speculative decoding rollback)."""
+        if self.k is None:
+            return
+        rows_idx = torch.arange(self.k.size(0), device=self.k.device) if rows is None else rows
+        L = self.max_len
+        stored = torch.arange(L + 1, device=self.k.device)[None] < self.lengths[rows_idx, None]
+        keep = stored & (self.pos[rows_idx] >= 0) & (self.pos[rows_idx] < keep_before[:, None])
+        self.lengths[rows_idx] = keep.sum(1)  # entries are in position order, so a prefix survives
+
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        if self.k is not None:
+            self.lengths[rows] = 0
+            self.pos[rows] = -1
+        for t in self.state.values():
+            if isinstance(t, torch.Tensor):
+                t[rows] = 0
+
+    def nbytes_used(self) -> int:
+        """Bytes of the keys/values actually stored (not the preallocated buffer)."""
+        if self.k is None:
+            return 0
+        per_entry = 2 * self.k.size(1) * self.k.size(3) * self.k.element_size()
+        return int(self.lengths.sum()) * per_entry
+
+
+@dataclass
+class KVView:
+    """A LayerKV seen through a subset of its rows, with the new tokens' validity."""
+
+    kv: LayerKV
+    positions: torch.Tensor  # (B, T) or (T,) absolute positions of the new tokens
+    rows: torch.Tensor | None = None  # (B,) cache rows of the batch rows
+    valid: torch.Tensor | None = None  # (B, T) which new tokens are real (routing pads are not)
+    state: dict[str, Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.state = self.kv.state
+
+    def update(self, k: torch.Tensor, v: torch.Tensor):
+        return self.kv.update(k, v, self.positions, self.valid, self.rows)
+
+    def key_positions(self, S: int) -> torch.Tensor:
+        """(B, S) positions of the first S entries of these rows (-1 = empty)."""
+        return self.kv.pos[self.rows if self.rows is not None else slice(None), :S]
 
 
 class KVCache:
@@ -46,4 +142,12 @@ class KVCache:
         return self.layers[i]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for l in self.layers for t in (l.k, l.v) if t is not None)
+        """Bytes of keys/values stored over all applications (what MoR's KV modes save)."""
+        return sum(layer.nbytes_used() for layer in self.layers)
+
+    def truncate(self, keep_before: int) -> None:
+        """Forget every entry at position >= keep_before (all rows)."""
+        for layer in self.layers:
+            if layer.k is not None:
+                layer.truncate(torch.full((layer.k.size(0),), keep_before, device=layer.k.device))
+        self.seen = min(self.seen, keep_before)

@@ -52,14 +52,6 @@ def generate(model: HaipaiModel, input_ids: torch.Tensor, s: SamplingConfig) -> 
     gen = None
     if s.seed is not None:
         gen = torch.Generator(device=input_ids.device).manual_seed(s.seed)
-    if not model.supports_kv_cache:
-        # Routed models route causally at inference, so re-running the whole prefix gives the
-        # same logits a per-recursion cache would (slower: O(T^2) per token).
-        seq = input_ids
-        for _ in range(s.max_new_tokens):
-            nxt = sample_next(model(seq).logits[:, -1].float(), s, gen)[:, None]
-            seq = torch.cat([seq, nxt], dim=1)
-        return seq
     cache = model.new_cache(total)
     logits = model(input_ids, cache=cache).logits[:, -1]
     out = [input_ids]

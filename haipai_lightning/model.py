@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from haipai_lightning.cache import KVCache, LayerKV
+from haipai_lightning.cache import KVCache, KVView
 from haipai_lightning.config import ConfigError, ModelConfig
 from haipai_lightning.layers import RotaryEmbedding
 from haipai_lightning.mixers.attention import Attention, KVShare
@@ -44,7 +44,7 @@ class Block(nn.Module):
         self.mlp = mlp(cfg)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: LayerKV | None = None,
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVView | None = None,
         share: KVShare | None = None,
     ) -> torch.Tensor:
         x = x + self.mixer(self.mixer_norm(x), cos, sin, kv, share) if share is not None else \
@@ -119,23 +119,19 @@ class HaipaiModel(nn.Module):
     def new_cache(self, max_len: int | None = None) -> KVCache:
         return KVCache(len(self.order), max_len or self.cfg.max_seq_len)
 
-    @property
-    def supports_kv_cache(self) -> bool:
-        """Decoding with a KV cache is exact for full recursion without KV sharing or MoD.
-
-        Routed models decode by re-running the (causal) forward until the MoR-aware
-        per-recursion caches arrive (generation.py falls back automatically).
-        """
-        return isinstance(self.router, FullRecursion) and self.cfg.kv_mode == "recursion_wise" and not self.mod_gates
-
     # ---------------------------------------------------------------- forward
     def forward(
-        self, input_ids: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None,
+        max_depth: int | None = None,
     ) -> ModelOutput:
-        """input_ids (B, T) -> ModelOutput(logits (B, T, V)). With a cache, T new tokens follow `cache.seen`."""
+        """input_ids (B, T) -> ModelOutput(logits (B, T, V)).
+
+        With a cache, the T new tokens follow `cache.seen`; each layer application caches the
+        keys/values of the tokens that ran it (routing decides which), so decoding step by step
+        gives the logits of the full forward. `max_depth` caps the recursion steps (a cheaper
+        draft of the same model, for speculative decoding).
+        """
         B, T = input_ids.shape
-        if cache is not None and not self.supports_kv_cache:
-            raise ValueError("this model routes tokens; decode without a KV cache (generation.py does this)")
         if positions is None:
             start = cache.seen if cache is not None else 0
             positions = torch.arange(start, start + T, device=input_ids.device)  # (T,)
@@ -152,10 +148,10 @@ class HaipaiModel(nn.Module):
             for a in range(lo, hi):
                 layer = self.layers[self.order[a][0]]
                 if step is not None and self.cfg.kv_mode == "shared":
-                    share = KVShare(share_store, a - lo, step > 0, _share_mask(pos, T) if step > 0 else None)
-                kv = cache[a] if cache is not None else None
+                    share = KVShare(share_store, a - lo, step > 0, pos)
+                kv = KVView(cache[a], pos, valid=sel.valid) if cache is not None else None
                 if str(a) in self.mod_gates:
-                    h = self._mod(a, layer, h, positions, records)
+                    h = self._mod(a, layer, h, positions, records, cache)
                 else:
                     h = layer(h, cos, sin, kv, share)
             return h
@@ -166,6 +162,8 @@ class HaipaiModel(nn.Module):
         if self.schedule.cycle:
             slices = self.schedule.step_slices()
             for r, (lo, hi) in enumerate(slices):
+                if max_depth is not None and r >= max_depth:
+                    break
                 h = self.router.step(r, h, lambda x, sel, lo=lo, hi=hi, r=r: apply(x, sel, lo, hi, r), state, records)
             end = slices[-1][1]
         else:
@@ -180,7 +178,8 @@ class HaipaiModel(nn.Module):
         }
         return ModelOutput(logits=logits, aux_losses=aux, records=records)
 
-    def _mod(self, a: int, layer: Block, h: torch.Tensor, positions: torch.Tensor, records: list) -> torch.Tensor:
+    def _mod(self, a: int, layer: Block, h: torch.Tensor, positions: torch.Tensor, records: list,
+             cache: KVCache | None = None) -> torch.Tensor:
         """Mixture-of-Depths around one unshared layer: the top-capacity tokens run it, the rest skip.
 
         Output of a routed token: h + sigmoid(logit) * (layer(h) - h) (MoD, Raposo et al. 2024).
@@ -196,14 +195,9 @@ class HaipaiModel(nn.Module):
             pos = sel.positions(positions)
             cos, sin = self.rope(pos)
             g = torch.sigmoid(sel.gather(logits[..., None]))
-            x = x + g * (layer(x, cos, sin) - x)
+            kv = KVView(cache[a], pos, valid=sel.valid) if cache is not None else None
+            x = x + g * (layer(x, cos, sin, kv) - x)
         records.append(RouterRecord(f"mod/layer{a}", "mod", torch.sigmoid(logits.detach()), sel.mask(B, h.device),
                                     aux, {"bce": self.mod_aux_loss_weight}, metrics))
         return sel.scatter(h, x)
 
-
-def _share_mask(q_pos: torch.Tensor, T: int) -> torch.Tensor:
-    """q_pos (B, k) or (T,) -> bool (B, 1, k, T): query at position p sees keys at positions <= p."""
-    keys = torch.arange(T, device=q_pos.device)
-    m = keys <= q_pos[..., None]  # (B, k, T) or (T, T)
-    return m[:, None] if m.dim() == 3 else m

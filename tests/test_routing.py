@@ -233,7 +233,6 @@ def test_threshold_inference_reports_sampling_accuracy_and_generation_works():
     accs = {r.name: float(r.metrics["sampling_acc"]) for r in out.records if "sampling_acc" in r.metrics}
     assert set(accs) == {"depth/step1", "depth/step2", "mod/layer7"}
     assert all(0 <= a <= 1 for a in accs.values())
-    assert not m.supports_kv_cache
     prompt = torch.randint(0, V, (1, 4))
     seq = generate(m, prompt, SamplingConfig(max_new_tokens=5, temperature=0))
     assert seq.shape == (1, 9) and torch.equal(seq[:, :4], prompt)

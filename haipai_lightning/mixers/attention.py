@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from haipai_lightning.cache import LayerKV
+from haipai_lightning.cache import KVView
 from haipai_lightning.config import ModelConfig
 from haipai_lightning.layers import apply_rope
 
@@ -17,15 +17,16 @@ from haipai_lightning.layers import apply_rope
 class KVShare:
     """Recursive KV sharing across recursion steps (MoR section 2.3).
 
-    Step 1 runs every token and stores each shared layer's keys/values under its slot;
-    later steps reuse them (`reuse=True`) with `mask` (B, 1, k, T): a routed query at
-    position p sees the keys at positions <= p.
+    Step 1 runs every token and stores each shared layer's keys/values (and their
+    positions) under its slot; later steps reuse them (`reuse=True`): a routed query at
+    position p sees the stored keys at positions <= p. With a decoding cache the store
+    holds the whole history, so decoding reuses step 1's cache too.
     """
 
-    store: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    store: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # slot -> (k, v, key positions (B|1, S))
     slot: int
     reuse: bool
-    mask: torch.Tensor | None = None
+    q_pos: torch.Tensor | None = None  # (B, T) or (T,) positions of the queries
 
 
 class Attention(nn.Module):
@@ -53,32 +54,33 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        kv: LayerKV | None = None,
+        kv: KVView | None = None,
         share: KVShare | None = None,
     ) -> torch.Tensor:
         """x (B, T, D); cos/sin broadcastable to (B, T, H, hd/2); kv: this application's decode cache;
         share: recursive KV sharing (MoR) -- store this step's keys/values, or reuse step 1's."""
         B, T, _ = x.shape
         q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
-        mask, causal = None, True
+        mask, causal = None, T > 1
         if share is not None and share.reuse:
             # Steps r > 1 of recursive KV sharing: no K/V projections at all; the active
             # tokens' queries attend to step 1's keys/values of every token up to their position.
-            k, v = share.store[share.slot]  # (B, Hkv, S, hd)
-            mask, causal = share.mask, False  # (B, 1, T, S)
+            k, v, key_pos = share.store[share.slot]  # (B, Hkv, S, hd), (B|1, S)
+            q_pos = share.q_pos if share.q_pos.dim() == 2 else share.q_pos[None]
+            mask = ((key_pos[:, None, :] <= q_pos[:, :, None]) & (key_pos[:, None, :] >= 0))[:, None]
         else:
             k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
             v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-            if share is not None:
-                share.store[share.slot] = (k, v)
             if kv is not None:
-                k, v = kv.update(k, v)  # (B, Hkv, S, hd), S = past + T
-        S = k.size(2)
-        if mask is None and S != T:
-            causal = False
-            if T > 1:  # prefill after a prefix: query i sees keys <= past + i
-                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+                k, v, mask = kv.update(k, v)  # the row's history + the new tokens; mask (B, 1, T, S) or None
+                causal = False
+            if share is not None:  # step 1 of KV sharing: keep keys/values for the later steps
+                if kv is not None:
+                    key_pos = kv.key_positions(k.size(2))
+                else:
+                    key_pos = share.q_pos if share.q_pos.dim() == 2 else share.q_pos[None]
+                share.store[share.slot] = (k, v, key_pos)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal and T > 1, enable_gqa=self.n_kv_heads != self.n_heads
+            q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=self.n_kv_heads != self.n_heads
         )
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
