@@ -77,11 +77,17 @@ class LayerKV:
         mask = torch.arange(S, device=k.device)[None, None] <= limit[..., None]  # (B, T, S)
         return keys, vals, mask[:, None]
 
+    def positions(self, rows: torch.Tensor | None, S: int) -> torch.Tensor:
+        """(B, S) positions of the first S entries of `rows`; -1 past a row's length (stale or empty)."""
+        rows_idx = torch.arange(self.k.size(0), device=self.k.device) if rows is None else rows
+        live = torch.arange(S, device=self.k.device)[None] < self.lengths[rows_idx, None]
+        return torch.where(live, self.pos[rows_idx, :S], -1)
+
     def read(self, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(keys, values, entry positions) of `rows`, up to their longest length."""
         rows_idx = torch.arange(self.k.size(0), device=self.k.device) if rows is None else rows
         S = int(self.lengths[rows_idx].max())
-        return self.k[rows_idx, :, :S], self.v[rows_idx, :, :S], self.pos[rows_idx, :S]
+        return self.k[rows_idx, :, :S], self.v[rows_idx, :, :S], self.positions(rows_idx, S)
 
     def truncate(self, keep_before: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         """Drop the entries of `rows` at positions >= keep_before (B,) (speculative decoding rollback)."""
@@ -127,7 +133,20 @@ class KVView:
 
     def key_positions(self, S: int) -> torch.Tensor:
         """(B, S) positions of the first S entries of these rows (-1 = empty)."""
-        return self.kv.pos[self.rows if self.rows is not None else slice(None), :S]
+        return self.kv.positions(self.rows, S)
+
+
+class RowView:
+    """A LayerKV whose batch rows map to fixed cache rows (a request's slot in the engine)."""
+
+    def __init__(self, kv: LayerKV, rows: torch.Tensor) -> None:
+        self.kv, self.rows, self.state = kv, rows, kv.state
+
+    def update(self, k, v, positions, valid=None, rows=None):
+        return self.kv.update(k, v, positions, valid, self.rows if rows is None else self.rows[rows])
+
+    def positions(self, rows: torch.Tensor | None, S: int) -> torch.Tensor:
+        return self.kv.positions(self.rows if rows is None else self.rows[rows], S)
 
 
 class KVCache:

@@ -1,0 +1,262 @@
+"""Continuous depth-wise batching for MoR decoding (MoR paper, section 2.3 and Figure 4a).
+
+Because every recursion step applies the *same* shared block, tokens that sit at different
+recursion depths -- of different sequences -- can run through the block together in one
+batched call; each attends to its own sequence's cache of its own step. A token that the
+router lets exit early goes straight to the coda and the head, and its sequence's next token
+enters the recursion at once, so the batch stays full of useful work. Finished requests free
+their slot for the next request in the queue (FIFO).
+
+One engine tick:
+    1. admit queued requests into free slots (batched prefill of each prompt, filling the caches);
+    2. new tokens run embedding + prelude, entering recursion step 0;
+    3. every in-flight token is routed (expert-choice: sigmoid threshold of step r's gate;
+       token-choice: its depth) and the continuing ones run ONE shared-block pass together;
+    4. tokens that exited run coda + head, a token is sampled, the sequence continues.
+
+Per-request compute budgets cap the mean recursion depth of the generated tokens.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from haipai_lightning.cache import KVView, LayerKV, RowView
+from haipai_lightning.generation import SamplingConfig, sample_next
+from haipai_lightning.mixers.attention import KVShare
+from haipai_lightning.model import HaipaiModel
+from haipai_lightning.routers import ExpertChoiceRouter, FullRecursion, TokenChoiceRouter
+
+PRE, REC, POST, DONE = 0, 1, 2, 3
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    max_new_tokens: int = 64
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0))
+    depth_budget: float | None = None  # cap on the mean recursion depth of generated tokens (1..Nr)
+    eos_id: int | None = None
+    output: list[int] = field(default_factory=list)
+    depths: list[int] = field(default_factory=list)  # recursion steps each generated token ran
+
+
+class _Apps:
+    """model-cache-like object: application a -> its LayerKV seen through fixed cache rows."""
+
+    def __init__(self, engine: "Engine", slots: torch.Tensor) -> None:
+        self.engine, self.slots, self.seen = engine, slots, 0
+
+    def __getitem__(self, a: int) -> RowView:
+        e = self.engine
+        layer_id, r = e.model.order[a]
+        if r is None:
+            return RowView(e.kv_unshared[a], self.slots)
+        j = e.model.schedule.shared.index(layer_id)
+        return RowView(e.kv_block[j], r * e.S + self.slots)
+
+
+class Engine:
+    """Batch generation with continuous depth-wise batching. Greedy outputs equal one-at-a-time generation."""
+
+    def __init__(self, model: HaipaiModel, max_batch: int = 8, max_len: int | None = None) -> None:
+        if not model.schedule.cycle:
+            raise ValueError("Engine needs a cycle sharing strategy (cycle or middle_cycle)")
+        if not isinstance(model.router, (FullRecursion, ExpertChoiceRouter, TokenChoiceRouter)):
+            raise ValueError(f"Engine does not know router {type(model.router).__name__}")
+        self.model = model.eval()
+        self.S, self.L = max_batch, max_len or model.cfg.max_seq_len
+        self.nr = model.schedule.n_recursions
+        sch = model.schedule
+        self.pre_apps = list(range(len(sch.prelude)))
+        n_rec = len(sch.shared) * self.nr
+        self.post_apps = list(range(len(sch.prelude) + n_rec, len(model.order)))
+        self.kv_unshared = {a: LayerKV(self.L, rows=self.S) for a in self.pre_apps + self.post_apps}
+        # one cache per layer of the shared block; row r * S + s = step r of slot s
+        self.kv_block = [LayerKV(self.L, rows=self.nr * self.S) for _ in sch.shared]
+        self.queue: deque[Request] = deque()
+        self.slot_req: list[Request | None] = [None] * self.S
+        D = model.cfg.d_model
+        dev = model.embed.weight.device
+        self.stage = torch.full((self.S,), DONE, dtype=torch.long, device=dev)
+        self.step = torch.zeros(self.S, dtype=torch.long, device=dev)  # next recursion step to run
+        self.pos = torch.zeros(self.S, dtype=torch.long, device=dev)  # position of the in-flight token
+        self.tok = torch.zeros(self.S, dtype=torch.long, device=dev)
+        self.h = torch.zeros(self.S, 1, D, device=dev)
+        self.depth = torch.zeros(self.S, dtype=torch.long, device=dev)  # token-choice depth
+        self.gate = torch.zeros(self.S, device=dev)  # token-choice gate prob
+        self.allowed = torch.full((self.S,), self.nr, dtype=torch.long, device=dev)
+        self.generators: list[torch.Generator | None] = [None] * self.S
+        self.stats = {"ticks": 0, "block_passes": 0, "block_tokens": 0, "tokens": 0}
+
+    # -------------------------------------------------------------- public API
+    def submit(self, req: Request) -> Request:
+        if len(req.prompt) == 0 or req.max_new_tokens < 1:
+            raise ValueError("a request needs a non-empty prompt and max_new_tokens >= 1")
+        if len(req.prompt) + req.max_new_tokens > self.L:
+            raise ValueError(f"prompt + max_new_tokens exceeds the engine's max_len={self.L}")
+        self.queue.append(req)
+        return req
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int = 64, **kw) -> list[list[int]]:
+        reqs = [self.submit(Request(list(p), max_new_tokens, **kw)) for p in prompts]
+        self.run()
+        return [r.output for r in reqs]
+
+    @torch.no_grad()
+    def run(self) -> None:
+        while self.queue or any(r is not None for r in self.slot_req):
+            self.tick()
+
+    # ------------------------------------------------------------------ a tick
+    @torch.no_grad()
+    def tick(self) -> None:
+        self.stats["ticks"] += 1
+        self._admit()
+        pre = (self.stage == PRE).nonzero().flatten()
+        if len(pre):
+            self._prelude(pre)
+        rec = (self.stage == REC).nonzero().flatten()
+        if len(rec):
+            self._recurse(rec)
+        post = (self.stage == POST).nonzero().flatten()
+        if len(post):
+            self._finish(post)
+
+    def _admit(self) -> None:
+        for s in range(self.S):
+            if self.slot_req[s] is None and self.queue:
+                req = self.queue.popleft()
+                self.slot_req[s] = req
+                self._reset_slot(s)
+                if req.sampling.seed is not None and req.sampling.temperature > 0:
+                    self.generators[s] = torch.Generator(device=self.h.device).manual_seed(req.sampling.seed)
+                slot = torch.tensor([s], device=self.h.device)
+                prompt = torch.tensor([req.prompt], device=self.h.device)
+                logits = self.model(prompt, cache=_Apps(self, slot)).logits[:, -1]  # batched prefill
+                self.pos[s] = len(req.prompt)
+                self._emit(slot, logits, torch.zeros(1, dtype=torch.long, device=self.h.device) - 1)
+
+    def _reset_slot(self, s: int) -> None:
+        self.allowed[s] = self.nr
+        self.generators[s] = None
+        for kv in self.kv_unshared.values():
+            kv.reset_rows(torch.tensor([s]))
+        for kv in self.kv_block:
+            kv.reset_rows(torch.arange(self.nr) * self.S + s)
+
+    def _prelude(self, slots: torch.Tensor) -> None:
+        m = self.model
+        pos = self.pos[slots][:, None]  # (N, 1)
+        h = m.embed(self.tok[slots][:, None])  # (N, 1, D)
+        h = self._unshared(self.pre_apps, h, slots, pos)
+        self.h[slots] = h
+        self.stage[slots], self.step[slots] = REC, 0
+        if isinstance(m.router, TokenChoiceRouter):
+            depth, gate, _ = m.router.route(h)
+            self.depth[slots], self.gate[slots] = depth[:, 0] + 1, gate[:, 0]
+        for i, s in enumerate(slots.tolist()):  # per-request budget on the mean depth
+            req = self.slot_req[s]
+            if req.depth_budget is not None:
+                n, used = len(req.depths), sum(req.depths)
+                self.allowed[s] = max(1, min(self.nr, int(req.depth_budget * (n + 1) - used + 1e-9)))
+
+    def _unshared(self, apps: list[int], h: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        cos, sin = m.rope(pos)
+        cache = _Apps(self, slots)
+        for a in apps:
+            layer = m.layers[m.order[a][0]]
+            if str(a) in m.mod_gates:
+                h = m._mod(a, layer, h, pos, [], cache)
+            else:
+                h = layer(h, cos, sin, KVView(cache[a], pos))
+        return h
+
+    def _continues(self, slots: torch.Tensor) -> torch.Tensor:
+        """Routing decision of each in-flight token at its next step (causal: its own state only)."""
+        m, r = self.model, self.step[slots]
+        go = r < self.allowed[slots]
+        router = m.router
+        if isinstance(router, TokenChoiceRouter):
+            return go & (self.depth[slots] > r)
+        if isinstance(router, ExpertChoiceRouter):
+            h = self.h[slots]  # (N, 1, D)
+            for step in r.unique().tolist():
+                if router.capacity(step) >= 1:
+                    continue  # capacity 1: every token runs this step
+                gate = router.gates[step]
+                pred = (gate.aux or gate.router)(h).squeeze(-1).squeeze(-1)  # (N,)
+                go = go & ((r != step) | (torch.sigmoid(pred) > 0.5))
+        return go
+
+    def _recurse(self, slots: torch.Tensor) -> None:
+        m = self.model
+        go = self._continues(slots)
+        self.stage[slots[~go]] = POST
+        slots = slots[go]
+        if not len(slots):
+            return
+        shared_kv = m.cfg.kv_mode == "shared"
+        groups = [slots[self.step[slots] == 0], slots[self.step[slots] > 0]] if shared_kv else [slots]
+        for g in groups:
+            if len(g):
+                self._block(g, reuse=shared_kv and bool(self.step[g[0]] > 0))
+        self.stats["block_passes"] += 1
+        self.stats["block_tokens"] += len(slots)
+        self.step[slots] += 1
+        self.stage[slots[self.step[slots] >= self.nr]] = POST
+
+    def _block(self, slots: torch.Tensor, reuse: bool) -> None:
+        """One pass of the shared block for tokens at (possibly) different recursion steps."""
+        m, router = self.model, self.model.router
+        r = self.step[slots]
+        pos = self.pos[slots][:, None]
+        cos, sin = m.rope(pos)
+        x = h = self.h[slots]
+        for j, layer_id in enumerate(m.schedule.shared):
+            layer = m.layers[layer_id]
+            if reuse:  # KV sharing: the queries read step 1's cache of their own sequence
+                k, v, kp = self.kv_block[j].read(slots)
+                x = layer(x, cos, sin, None, KVShare({j: (k, v, kp)}, j, True, pos))
+            else:
+                kv = KVView(RowView(self.kv_block[j], r * self.S + slots), pos)
+                share = KVShare({}, j, False, pos) if m.cfg.kv_mode == "shared" else None
+                x = layer(x, cos, sin, kv, share) if share is not None else layer(x, cos, sin, kv)
+        if isinstance(router, ExpertChoiceRouter):
+            if router.gating == "weighted":
+                logit = torch.empty(len(slots), 1, 1, device=h.device)
+                for step in r.unique().tolist():  # one router per step
+                    at = r == step
+                    logit[at] = router.gates[step].router(h[at])
+                x = h + router.alpha * torch.sigmoid(logit) * x
+            else:
+                x = h + x
+        elif isinstance(router, TokenChoiceRouter) and router.gating == "weighted":
+            x = h + self.gate[slots][:, None, None] * (x - h)
+        self.h[slots] = x
+
+    def _finish(self, slots: torch.Tensor) -> None:
+        m = self.model
+        pos = self.pos[slots][:, None]
+        h = self._unshared(self.post_apps, self.h[slots], slots, pos)
+        logits = m.head(m.norm(h))[:, -1]  # (N, V)
+        self._emit(slots, logits, self.step[slots])
+        self.pos[slots] += 1
+
+    def _emit(self, slots: torch.Tensor, logits: torch.Tensor, depths: torch.Tensor) -> None:
+        """Sample each slot's next token; finished requests free their slot."""
+        for i, s in enumerate(slots.tolist()):
+            req = self.slot_req[s]
+            if int(depths[i]) >= 0:  # recursion steps the token just processed ran (not for the prompt)
+                req.depths.append(int(depths[i]))
+            nxt = int(sample_next(logits[i : i + 1].float(), req.sampling, self.generators[s]))
+            req.output.append(nxt)
+            self.stats["tokens"] += 1
+            if len(req.output) >= req.max_new_tokens or (req.eos_id is not None and nxt == req.eos_id):
+                self.slot_req[s], self.stage[s] = None, DONE
+            else:
+                self.tok[s], self.stage[s] = nxt, PRE
