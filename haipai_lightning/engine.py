@@ -65,6 +65,11 @@ class Engine:
     def __init__(self, model: HaipaiModel, max_batch: int = 8, max_len: int | None = None) -> None:
         if not model.schedule.cycle:
             raise ValueError("Engine needs a cycle sharing strategy (cycle or middle_cycle)")
+        from haipai_lightning.mixers.attention import Attention
+
+        if not all(isinstance(layer.mixer, Attention) for layer in model.layers):
+            # a recurrent (Mamba) state would need one row per (step, slot) like the KV rows here
+            raise ValueError("Engine batches attention models; decode hybrid Mamba models with generate()")
         if not isinstance(model.router, (FullRecursion, ExpertChoiceRouter, TokenChoiceRouter)):
             raise ValueError(f"Engine does not know router {type(model.router).__name__}")
         self.model = model.eval()
