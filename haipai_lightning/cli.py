@@ -1,4 +1,4 @@
-"""`haipai`: LightningCLI (fit / validate / test / predict) plus `haipai generate`.
+"""`haipai`: LightningCLI (fit / validate / test / predict) plus `haipai generate` and `haipai visualize`.
 
 Every field of the module, the data module and the trainer is a typed, documented
 argument (`haipai fit --help`); components are swapped with `class_path` /
@@ -18,12 +18,13 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from haipai_lightning.checkpoint import SafeCheckpointIO, arch_diff, component_spec
 from haipai_lightning.config import ConfigError
+from haipai_lightning.depth_picture import DEFAULT_TEXT
 from haipai_lightning.module import MoRLightningModule
 
 # `haipai fit --help` shows the attribute docstrings of ModelConfig's fields.
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
-EXTRA_COMMANDS = ("generate",)
+EXTRA_COMMANDS = ("generate", "visualize")
 
 
 class HaipaiCLI(LightningCLI):
@@ -93,36 +94,106 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> HaipaiCLI:
 def generate_command(
     ckpt_path: str,
     prompt: str = "",
+    prompts: str | None = None,
+    batch_size: int = 8,
     max_new_tokens: int = 100,
     temperature: float = 0.8,
     top_k: int | None = 50,
     top_p: float | None = 0.95,
     seed: int | None = 0,
-) -> str:
-    """Sample text from a trained checkpoint (with a KV cache).
+    depth_budget: float | None = None,
+    speculative: int = 0,
+    draft_depth: int = 1,
+) -> list[str]:
+    """Sample text from a trained checkpoint (KV-cached; MoR models route causally).
 
     Args:
         ckpt_path: a Haipai .ckpt (e.g. lightning_logs/version_0/checkpoints/last.ckpt).
         prompt: text to continue ("" starts from the end-of-text token).
-        max_new_tokens: tokens to sample.
+        prompts: a text file with one prompt per line: batch generation through the
+            continuous depth-wise batching engine.
+        batch_size: requests in flight at once in the engine.
+        max_new_tokens: tokens to sample per prompt.
         temperature: softmax temperature; 0 = greedy.
         top_k: keep the k most likely tokens (null = all).
         top_p: nucleus sampling mass (null or 1 = off).
-        seed: random seed (null = nondeterministic).
+        seed: random seed (null = nondeterministic); request i of a prompts file uses seed + i.
+        depth_budget: cap on the mean recursion depth of the generated tokens (1..Nr; engine).
+        speculative: greedy speculative decoding with this many drafted tokens per round (0 = off).
+        draft_depth: recursion steps of the draft (the same model stopped early).
     """
     import torch
 
-    from haipai_lightning.generation import SamplingConfig, generate, load_model
+    from haipai_lightning.engine import Engine, Request
+    from haipai_lightning.generation import SamplingConfig, generate, load_model, speculative_generate
 
     model, tok = load_model(ckpt_path)
     if tok is None:
         raise ConfigError(f"{ckpt_path!r} holds no tokenizer; it was not trained through a Haipai data module")
-    ids = tok.encode(prompt).ids if prompt else [tok.token_to_id("<|endoftext|>") or 0]
-    s = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed)
-    out = generate(model, torch.tensor([ids]), s)
-    text = tok.decode(out[0].tolist())
-    print(text)
-    return text
+    eos = tok.token_to_id("<|endoftext|>") or 0
+    if prompts is not None:
+        if not os.path.isfile(prompts):
+            raise FileNotFoundError(f"--prompts {prompts!r} does not exist; give a text file with one prompt per line")
+        with open(prompts, encoding="utf-8") as f:
+            lines = [line.rstrip("\n") for line in f if line.strip()]
+    else:
+        lines = [prompt]
+    encoded = [tok.encode(t).ids or [eos] for t in lines]
+    if speculative > 0:
+        if prompts is not None or temperature > 0:
+            raise ConfigError("--speculative decodes one --prompt greedily: pass --temperature 0 and no --prompts")
+        out, stats = speculative_generate(model, torch.tensor([encoded[0]]), max_new_tokens, k=speculative,
+                                          draft_depth=draft_depth)
+        texts = [tok.decode(out[0].tolist())]
+        print(texts[0])
+        print(f"[speculative: {stats['tokens_per_round']:.2f} tokens per full-model pass, "
+              f"acceptance {stats['acceptance']:.2f}]", file=sys.stderr)
+        return texts
+    if prompts is None and depth_budget is None:
+        s = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed)
+        texts = [tok.decode(generate(model, torch.tensor([encoded[0]]), s)[0].tolist())]
+        print(texts[0])
+        return texts
+    engine = Engine(model, max_batch=batch_size, max_len=model.cfg.max_seq_len)
+    reqs = [engine.submit(Request(ids, max_new_tokens, SamplingConfig(
+        max_new_tokens, temperature, top_k, top_p, None if seed is None else seed + i), depth_budget))
+        for i, ids in enumerate(encoded)]
+    engine.run()
+    texts = [tok.decode(r.prompt + r.output) for r in reqs]
+    for r, text in zip(reqs, texts):
+        depth = sum(r.depths) / max(len(r.depths), 1)
+        print(text)
+        print(f"[mean recursion depth {depth:.2f}]", file=sys.stderr)
+        if prompts is not None:
+            print("---")
+    return texts
+
+
+def visualize_command(
+    ckpt_path: str,
+    text: str = DEFAULT_TEXT,
+    out: str = ".",
+) -> list[str]:
+    """Draw a text with every token coloured by its recursion depth (PNG + HTML).
+
+    Args:
+        ckpt_path: a Haipai .ckpt (e.g. lightning_logs/version_0/checkpoints/last.ckpt).
+        text: the text to route (truncated to the model's max_seq_len tokens).
+        out: directory for depth.png / depth.html (one pair per router group: mod.png for Mixture-of-Depths).
+    """
+    from haipai_lightning.depth_picture import write_depth_pictures
+    from haipai_lightning.generation import load_model
+
+    model, tok = load_model(ckpt_path)
+    if tok is None:
+        raise ConfigError(f"{ckpt_path!r} holds no tokenizer; it was not trained through a Haipai data module")
+    written = write_depth_pictures(model, tok, text, out)
+    if not written:
+        raise ConfigError(f"{ckpt_path!r} routes no tokens (model.router is FullRecursion, no MoD): "
+                          "every token has the same depth, there is nothing to draw")
+    paths = [str(p) for png, page, _ in written.values() for p in (png, page)]
+    print("\n".join(paths))
+    return paths
 
 
 def main(args: list[str] | None = None) -> None:
@@ -133,6 +204,11 @@ def main(args: list[str] | None = None) -> None:
             parser.add_function_arguments(generate_command, as_positional=False)
             cfg = parser.parse_args(argv[1:])
             generate_command(**cfg.as_dict())
+        elif argv and argv[0] == "visualize":
+            parser = ArgumentParser(prog="haipai visualize", description=visualize_command.__doc__.splitlines()[0])
+            parser.add_function_arguments(visualize_command, as_positional=False)
+            cfg = parser.parse_args(argv[1:])
+            visualize_command(**cfg.as_dict())
         else:
             run_cli(None if args is None else argv)
     except ArgumentError as e:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 Sharing = Literal["cycle", "sequence", "middle_cycle", "middle_sequence"]
 SHARING_STRATEGIES: tuple[str, ...] = ("cycle", "sequence", "middle_cycle", "middle_sequence")
 KVMode = Literal["recursion_wise", "shared"]
+MIXER_LETTERS: dict[str, str] = {"A": "attention", "M": "Mamba"}
 
 
 class ConfigError(ValueError):
@@ -56,6 +57,9 @@ class ModelConfig:
     """Every mod_every-th unshared layer (the 2nd, 4th, ...) is a Mixture-of-Depths layer."""
     init_std: float = 0.02
     """Standard deviation of the normal weight initialisation."""
+    mixer_pattern: str | None = None
+    """Hybrid stack: one letter per unique layer, cycled (A = attention / the injected mixer, M = Mamba),
+    e.g. "AAM"; shared layers keep their mixer at every recursion step (None = every layer A)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -68,6 +72,10 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    def mixer_letter(self, layer: int) -> str:
+        """Mixer of unique layer `layer`: mixer_pattern cycled over the unique layers ("A" without a pattern)."""
+        return self.mixer_pattern[layer % len(self.mixer_pattern)] if self.mixer_pattern else "A"
 
     @property
     def ffn_dim(self) -> int:
@@ -115,6 +123,11 @@ class ModelConfig:
         if not 0.0 <= self.mod_capacity <= 1.0 or self.mod_every < 1:
             raise ConfigError(
                 f"model.config.mod_capacity={self.mod_capacity} must be in [0, 1] and mod_every={self.mod_every} >= 1"
+            )
+        if self.mixer_pattern is not None and (not self.mixer_pattern or set(self.mixer_pattern) - set(MIXER_LETTERS)):
+            raise ConfigError(
+                f"model.config.mixer_pattern={self.mixer_pattern!r} must be a non-empty string of the letters "
+                f"{', '.join(f'{k} ({v})' for k, v in MIXER_LETTERS.items())}, e.g. \"AAM\" (or null)"
             )
         for name in ("vocab_size", "d_model", "max_seq_len"):
             if getattr(self, name) < 1:

@@ -7,14 +7,19 @@ records of that pass, and take training = 3 x forward (the backward pass costs a
 forwards: gradients for activations and for weights).
 
 Counted: every Linear of every layer application on the tokens it processed; attention
-score and value products over the (query, key) pairs actually formed; the output head.
-Not counted: norms, activations, softmax, routers (all O(d) per token, < 1% here).
+score and value products over the (query, key) pairs actually formed (a sliding window
+caps them); the output head. MoE / MoT: the router, plus the expert matmuls of the rows the
+experts actually computed (the record's `expert_rows`: top-k assignments kept after capacity
+drops, expert-choice picks, MoT group mixtures). Mamba: its projections, the depthwise
+convolution and the scan (3 multiply-adds per state element and token), no attention pairs.
+Not counted: norms, activations, softmax (all O(d) per token, < 1% here).
 """
 
 from __future__ import annotations
 
 import torch
 
+from haipai_lightning.mixers.mamba import Mamba
 from haipai_lightning.routers import RouterRecord
 
 
@@ -38,6 +43,35 @@ def step_masks(model, records: list[RouterRecord], B: int, T: int) -> tuple[list
     return steps, mod
 
 
+def expert_rows(model, records: list[RouterRecord]) -> dict[int, float]:
+    """Rows the experts of routed MLPs computed, by layer application (from `<kind>/layer<i>/<n>` records)."""
+    apps: dict[int, list[int]] = {}
+    for a, (layer_id, _) in enumerate(model.order):
+        apps.setdefault(layer_id, []).append(a)
+    out: dict[int, float] = {}
+    for rec in records:
+        parts = rec.name.split("/")
+        if "expert_rows" not in rec.metrics or len(parts) != 3 or not parts[1].startswith("layer"):
+            continue
+        i, n = int(parts[1].removeprefix("layer")), int(parts[2])  # the n-th application of unique layer i
+        if n < len(apps.get(i, ())):
+            out[apps[i][n]] = float(rec.metrics["expert_rows"])
+    return out
+
+
+def _nominal_experts(mlp: torch.nn.Module) -> float:
+    """Experts per token of a routed MLP when no record says (e.g. inside a Mixture-of-Depths layer)."""
+    if hasattr(mlp, "group_size"):  # Mixture-of-Tokens: E mixtures per group of G tokens
+        return mlp.n_experts / mlp.group_size
+    return float(getattr(mlp, "top_k", getattr(mlp, "capacity_factor", 1.0)))
+
+
+def _window_pairs(counts: torch.Tensor, w: int) -> torch.Tensor:
+    """Causal (query, key) pairs of rows of `counts` tokens under a window of w keys: sum_i min(i, w)."""
+    c = counts.double()
+    return torch.where(c <= w, c * (c + 1) / 2, w * (w + 1) / 2 + (c - w) * w)
+
+
 def forward_flops(model, records: list[RouterRecord], B: int, T: int) -> float:
     """Matmul FLOPs of one forward pass of `model` on a (B, T) batch, given its routing records."""
     cfg = model.cfg
@@ -47,6 +81,7 @@ def forward_flops(model, records: list[RouterRecord], B: int, T: int) -> float:
     full_pairs = B * T * (T + 1) / 2  # causal (query, key) pairs of a full sequence
     pos1 = torch.arange(1, T + 1)
     flops = 2.0 * B * T * cfg.d_model * cfg.vocab_size  # output head
+    rows = expert_rows(model, records)
     for a, (layer_id, r) in enumerate(model.order):
         layer = model.layers[layer_id]
         mask = mod.get(a) if r is None else steps[r]
@@ -60,7 +95,21 @@ def forward_flops(model, records: list[RouterRecord], B: int, T: int) -> float:
             # position p sees the p + 1 step-1 keys
             pairs = float((pos1 * mask).sum()) if reuse else float((counts * (counts + 1) / 2).sum())
         macs = _linear_macs(layer, skip=("mixer.wk", "mixer.wv") if reuse else ())
+        mixer, mlp = layer.mixer, layer.mlp
+        if isinstance(mixer, Mamba):  # no attention pairs; add what is not an nn.Linear
+            macs += mixer.macs_per_token() - _linear_macs(mixer)
+            pairs = 0.0
+        elif getattr(mixer, "window", None) is not None:
+            w = mixer.window
+            if reuse:
+                pairs = float((pos1.clamp(max=w) * (mask if mask is not None else torch.ones(B, T))).sum())
+            else:
+                counts = torch.full((B,), T) if mask is None else mask.sum(1)
+                pairs = float(_window_pairs(counts, w).sum())
         flops += 2.0 * tokens * macs + 2.0 * 2.0 * pairs * d_attn  # QK^T and AV
+        if getattr(mlp, "routed", False):  # expert matmuls on the rows actually dispatched
+            n_rows = rows.get(a, tokens * _nominal_experts(mlp))
+            flops += 2.0 * n_rows * mlp.experts.macs_per_row
     return flops
 
 

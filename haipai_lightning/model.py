@@ -19,6 +19,7 @@ from haipai_lightning.cache import KVCache, KVView
 from haipai_lightning.config import ConfigError, ModelConfig
 from haipai_lightning.layers import RotaryEmbedding
 from haipai_lightning.mixers.attention import Attention, KVShare
+from haipai_lightning.mixers.mamba import Mamba
 from haipai_lightning.mlps.dense import SwiGLU
 from haipai_lightning.recursion import Selection, make_schedule
 from haipai_lightning.routers import FullRecursion, RouterRecord, TopKGate, capacity_k
@@ -34,22 +35,33 @@ class ModelOutput:
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x)).
 
-    def __init__(self, cfg: ModelConfig, mixer: Factory, mlp: Factory) -> None:
+    `index` is the unique layer id and `name` ("layer3") names the records of a routed MLP
+    (MoE / MoT: class attribute `routed = True`, forward(x, records)), which receives the
+    forward pass's `records` list. A mixer without keys/values (Mamba) takes `share` and
+    ignores it: under kv_mode=shared it runs on each step's active tokens.
+    """
+
+    def __init__(self, cfg: ModelConfig, mixer: Factory, mlp: Factory, index: int = 0) -> None:
         super().__init__()
         self.mixer_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mixer = mixer(cfg)
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = mlp(cfg)
+        self.index, self.name = index, f"layer{index}"
+        self.routed_mlp = bool(getattr(self.mlp, "routed", False))
+        if self.routed_mlp:  # the MLP names its records after its layer (per-layer thresholds use the index)
+            self.mlp.layer_name, self.mlp.layer_index = self.name, index
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVView | None = None,
-        share: KVShare | None = None,
+        share: KVShare | None = None, records: list[RouterRecord] | None = None,
     ) -> torch.Tensor:
         x = x + self.mixer(self.mixer_norm(x), cos, sin, kv, share) if share is not None else \
             x + self.mixer(self.mixer_norm(x), cos, sin, kv)
-        return x + self.mlp(self.mlp_norm(x))
+        h = self.mlp_norm(x)
+        return x + (self.mlp(h, records) if self.routed_mlp else self.mlp(h))
 
 
 class HaipaiModel(nn.Module):
@@ -67,8 +79,11 @@ class HaipaiModel(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         # One module per *unique* layer; the schedule applies shared ones several times,
         # so their weights really are one storage.
+        # Hybrid stacks: model.config.mixer_pattern assigns each *unique* layer a mixer
+        # (A = the injected mixer or Attention, M = Mamba); shared layers keep theirs at every step.
+        mixers = {"A": mixer or Attention, "M": Mamba}
         self.layers = nn.ModuleList(
-            Block(cfg, mixer or Attention, mlp or SwiGLU) for _ in range(self.schedule.n_unique)
+            Block(cfg, mixers[cfg.mixer_letter(i)], mlp or SwiGLU, index=i) for i in range(self.schedule.n_unique)
         )
         self.router = (router or FullRecursion)(cfg)
         # Mixture-of-Depths gates for every mod_every-th unshared layer application (prelude/coda,
@@ -153,7 +168,7 @@ class HaipaiModel(nn.Module):
                 if str(a) in self.mod_gates:
                     h = self._mod(a, layer, h, positions, records, cache)
                 else:
-                    h = layer(h, cos, sin, kv, share)
+                    h = layer(h, cos, sin, kv, share, records)
             return h
 
         n_pre = len(self.schedule.prelude)

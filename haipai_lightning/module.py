@@ -123,6 +123,7 @@ class MoRLightningModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         _, lm, out = self._loss(batch)
+        self.last_val_records = out.records  # this batch's routing, for telemetry (no grad in validation)
         n = (batch["labels"] != -100).sum()
         self.val_loss.update(lm, weight=n)
         self.val_ppl.update(out.logits.float(), batch["labels"])

@@ -50,6 +50,15 @@ def test_fit_writes_tensorboard_and_last_ckpt_then_generate(tmp_path):
                        capture_output=True, text=True, env=env, timeout=300)
     assert g.returncode == 0, g.stderr[-3000:]
     assert g.stdout.startswith("The") and len(g.stdout.split()) > 2
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("In the beginning\nAnd God said\nThe LORD\n")
+    g = subprocess.run([exe, "generate", "--ckpt_path", last[0], "--prompts", str(prompts), "--batch_size", "2",
+                        "--max_new_tokens", "8", "--depth_budget", "2.0"], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert g.returncode == 0, g.stderr[-3000:]
+    outs = [t.strip() for t in g.stdout.split("---") if t.strip()]
+    assert [o.split()[0] for o in outs] == ["In", "And", "The"]
+    assert g.stderr.count("mean recursion depth") == 3
 
 
 def test_tensorboard_scalars_logged(tmp_path, cache):

@@ -1,3 +1,4 @@
 from haipai_lightning.mixers.attention import Attention
+from haipai_lightning.mixers.mamba import Mamba
 
-__all__ = ["Attention"]
+__all__ = ["Attention", "Mamba"]

@@ -1,7 +1,14 @@
-"""Causal grouped-query self-attention with RoPE through F.scaled_dot_product_attention."""
+"""Causal grouped-query self-attention with RoPE through F.scaled_dot_product_attention.
+
+Options (init args, so YAML `model.mixer.init_args`): a sliding window; flash-attn's kernel
+when it imports (CUDA, half precision, no cache); compiled `flex_attention` for inference
+forwards (it has no CPU backward, so never in training) where its block sparsity pays: long
+windowed sequences.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -9,8 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from haipai_lightning.cache import KVView
-from haipai_lightning.config import ModelConfig
+from haipai_lightning.config import ConfigError, ModelConfig
 from haipai_lightning.layers import apply_rope
+
+_HAS_FLASH = importlib.util.find_spec("flash_attn") is not None
+_FLEX = None  # compiled flex_attention, built on first use (tests may swap in the eager function)
 
 
 @dataclass
@@ -33,14 +43,28 @@ class Attention(nn.Module):
     """Multi-head / grouped-query / multi-query attention (heads from the model config).
 
     SDPA picks the fused kernel the platform has (flash / memory-efficient on GPU,
-    a fused C++ kernel on CPU), so no hand-written attention here.
+    a fused C++ kernel on CPU), so no hand-written attention here. Multi-query attention is
+    n_kv_heads=1 in the model config.
+
+    Sliding window: a query at position p sees keys at positions p - window + 1 .. p. Positions
+    come from the decoding cache or the KV-sharing store when there is one; a layer without
+    either sees its own tokens in order, so for a routed recursion step (recursion-wise KV,
+    no cache) the window spans the last `window` tokens *active at that step*.
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, window: int | None = None, flash: bool = True, flex: bool = False) -> None:
         """Args:
             cfg: the model configuration (given by the model).
+            window: sliding-window length in tokens (None = full causal attention).
+            flash: use flash-attn's kernel when it imports (CUDA, fp16/bf16, no cache, no KV sharing).
+            flex: inference forwards without a cache use compiled flex_attention with a block mask
+                (skips masked blocks; pays for long windowed sequences; compiles on first use).
         """
         super().__init__()
+        if window is not None and window < 1:
+            raise ConfigError(f"model.mixer.init_args.window={window} must be >= 1 (or null: full attention)")
+        self.window, self.flash, self.flex = window, flash, flex
+        self._block_masks: dict[tuple, object] = {}
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         d, hd = cfg.d_model, cfg.head_dim
         self.wq = nn.Linear(d, self.n_heads * hd, bias=False)
@@ -80,7 +104,50 @@ class Attention(nn.Module):
                 else:
                     key_pos = share.q_pos if share.q_pos.dim() == 2 else share.q_pos[None]
                 share.store[share.slot] = (k, v, key_pos)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=self.n_kv_heads != self.n_heads
-        )
+        plain = kv is None and share is None  # the layer's own tokens, causal: kernels with built-in masks
+        if plain and self.flash and _HAS_FLASH and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+            from flash_attn import flash_attn_func  # (B, T, H, hd) layout, GQA built in
+
+            w = (-1, -1) if self.window is None else (self.window - 1, 0)
+            y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, window_size=w)
+            return self.wo(y.reshape(B, T, self.n_heads * self.head_dim))
+        if plain and self.flex and T > 1 and not torch.is_grad_enabled():
+            y = self._flex(q, k, v)
+        else:
+            if self.window is not None:
+                mask = self._window_mask(mask, T, k.size(2), kv, share, x.device)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=self.n_kv_heads != self.n_heads
+            )
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def _window_mask(self, mask: torch.Tensor | None, T: int, S: int, kv: KVView | None, share: KVShare | None,
+                     device: torch.device) -> torch.Tensor:
+        """AND the sliding window onto `mask` (None = plain causal): bool (B|1, 1, T, S) or (T, S)."""
+        q_pos = share.q_pos if share is not None and share.q_pos is not None else None
+        q_pos = kv.positions if q_pos is None and kv is not None else q_pos
+        if q_pos is None:  # the layer's own T tokens in order (S == T)
+            i, j = torch.arange(T, device=device)[:, None], torch.arange(S, device=device)[None]
+            return (j <= i) & (j > i - self.window)
+        key_pos = share.store[share.slot][2] if share is not None else None
+        key_pos = (kv.key_positions(S) if kv is not None else q_pos) if key_pos is None else key_pos
+        qp = (q_pos if q_pos.dim() == 2 else q_pos[None])[:, :, None]  # (B|1, T, 1)
+        kp = (key_pos if key_pos.dim() == 2 else key_pos[None])[:, None, :]  # (B|1, 1, S)
+        win = ((kp <= qp) & (kp > qp - self.window) & (kp >= 0))[:, None]
+        return win if mask is None else mask & win
+
+    def _flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal (windowed) attention by flex_attention with a cached block mask: (B, H, T, hd)."""
+        global _FLEX
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        if _FLEX is None:
+            _FLEX = torch.compile(flex_attention, dynamic=False)
+        T, window = q.size(2), self.window
+        key = (T, window, q.device)
+        if key not in self._block_masks:
+            def mask_mod(b, h, qi, ki):  # noqa: ANN001, ANN202
+                return (ki <= qi) & (qi - ki < window) if window is not None else ki <= qi
+
+            self._block_masks[key] = create_block_mask(mask_mod, None, None, T, T, device=q.device)
+        return _FLEX(q, k, v, block_mask=self._block_masks[key], enable_gqa=self.n_kv_heads != self.n_heads)
