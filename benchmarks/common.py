@@ -32,6 +32,19 @@ def time_fn(fn: Callable[[], Any], warmup: int = 1, reps: int = 3) -> float:
     return statistics.median(times)
 
 
+def alternate(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
+    """Median seconds of each fn, run in alternation so machine noise hits them alike."""
+    for f in fns.values():
+        f()  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def table(rows: list[dict[str, Any]], cols: list[str]) -> str:
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]

@@ -20,23 +20,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import parser, table, write_json  # noqa: E402
+from benchmarks.common import alternate, parser, table, write_json  # noqa: E402
 from haipai_lightning.cache import KVView, LayerKV  # noqa: E402
 from haipai_lightning.config import ModelConfig  # noqa: E402
 from haipai_lightning.layers import RotaryEmbedding  # noqa: E402
 from haipai_lightning.mixers import Attention, Mamba  # noqa: E402
-
-
-def alternate(fns: dict, reps: int) -> dict[str, float]:
-    for f in fns.values():
-        f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:

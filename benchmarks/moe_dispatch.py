@@ -15,32 +15,17 @@ Two levels, each timed dense / MoE alternately (median of the repetitions):
 from __future__ import annotations
 
 import functools
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import parser, table, write_json  # noqa: E402
+from benchmarks.common import alternate, parser, table, write_json  # noqa: E402
 from haipai_lightning.config import ModelConfig  # noqa: E402
 from haipai_lightning.mlps import SwiGLU, TokenChoiceMoE  # noqa: E402
 from haipai_lightning.model import HaipaiModel  # noqa: E402
-
-
-def alternate(fns: dict, reps: int) -> dict[str, float]:
-    """Median seconds of each fn, run in alternation so machine noise hits them alike."""
-    for f in fns.values():
-        f()  # warm-up
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
