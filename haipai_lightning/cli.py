@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from jsonargparse import ArgumentError, ArgumentParser, set_parsing_settings
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -196,19 +196,28 @@ def visualize_command(
     return paths
 
 
+def _subcommands() -> dict[str, Callable[..., Any]]:
+    """`haipai NAME ...` commands beside LightningCLI's fit/validate/test/predict.
+
+    Each is a plain function whose signature jsonargparse turns into flags; add one
+    line here to add a command (imports stay lazy so `haipai fit` starts fast).
+    """
+    return {
+        "generate": generate_command,
+        "visualize": visualize_command,
+    }
+
+
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     try:
-        if argv and argv[0] == "generate":
-            parser = ArgumentParser(prog="haipai generate", description=generate_command.__doc__.splitlines()[0])
-            parser.add_function_arguments(generate_command, as_positional=False)
+        commands = _subcommands()
+        if argv and argv[0] in commands:
+            fn = commands[argv[0]]
+            parser = ArgumentParser(prog=f"haipai {argv[0]}", description=(fn.__doc__ or "").splitlines()[0])
+            parser.add_function_arguments(fn, as_positional=False)
             cfg = parser.parse_args(argv[1:])
-            generate_command(**cfg.as_dict())
-        elif argv and argv[0] == "visualize":
-            parser = ArgumentParser(prog="haipai visualize", description=visualize_command.__doc__.splitlines()[0])
-            parser.add_function_arguments(visualize_command, as_positional=False)
-            cfg = parser.parse_args(argv[1:])
-            visualize_command(**cfg.as_dict())
+            fn(**cfg.as_dict())
         else:
             run_cli(None if args is None else argv)
     except ArgumentError as e:
