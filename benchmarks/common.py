@@ -13,10 +13,20 @@ from typing import Any, Callable
 import torch
 
 
+class _Parser(argparse.ArgumentParser):
+    def parse_args(self, *a: Any, **k: Any) -> argparse.Namespace:  # type: ignore[override]
+        args = super().parse_args(*a, **k)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return args
+
+
 def parser(doc: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=doc)
+    p = _Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller run, about a minute on 2 cores")
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's). 1 keeps small-matmul timings stable on a busy machine")
     return p
 
 

@@ -8,11 +8,13 @@ enters the recursion at once, so the batch stays full of useful work. Finished r
 their slot for the next request in the queue (FIFO).
 
 One engine tick:
-    1. admit queued requests into free slots (batched prefill of each prompt, filling the caches);
+    1. admit queued requests into free slots (one batched prefill per prompt length, filling the caches);
     2. new tokens run embedding + prelude, entering recursion step 0;
-    3. every in-flight token is routed (expert-choice: sigmoid threshold of step r's gate;
-       token-choice: its depth) and the continuing ones run ONE shared-block pass together;
-    4. tokens that exited run coda + head, a token is sampled, the sequence continues.
+    3. every in-flight token runs ONE shared-block pass together, whatever its step; right after
+       it, each token is routed for its next step (expert-choice: sigmoid threshold of that step's
+       gate; token-choice: its depth);
+    4. tokens that exited run coda + head, a token is sampled, the sequence continues next tick.
+A token of recursion depth d thus costs d ticks.
 
 Per-request compute budgets cap the mean recursion depth of the generated tokens.
 """
@@ -26,7 +28,7 @@ import torch
 
 from haipai_lightning.cache import KVView, LayerKV, RowView
 from haipai_lightning.generation import SamplingConfig, sample_next
-from haipai_lightning.mixers.attention import KVShare
+from haipai_lightning.mixers.attention import Attention, KVShare
 from haipai_lightning.model import HaipaiModel
 from haipai_lightning.routers import ExpertChoiceRouter, FullRecursion, TokenChoiceRouter
 
@@ -65,11 +67,6 @@ class Engine:
     def __init__(self, model: HaipaiModel, max_batch: int = 8, max_len: int | None = None) -> None:
         if not model.schedule.cycle:
             raise ValueError("Engine needs a cycle sharing strategy (cycle or middle_cycle)")
-        from haipai_lightning.mixers.attention import Attention
-
-        if not all(isinstance(layer.mixer, Attention) for layer in model.layers):
-            # a recurrent (Mamba) state would need one row per (step, slot) like the KV rows here
-            raise ValueError("Engine batches attention models; decode hybrid Mamba models with generate()")
         if not isinstance(model.router, (FullRecursion, ExpertChoiceRouter, TokenChoiceRouter)):
             raise ValueError(f"Engine does not know router {type(model.router).__name__}")
         self.model = model.eval()
@@ -124,6 +121,7 @@ class Engine:
         pre = (self.stage == PRE).nonzero().flatten()
         if len(pre):
             self._prelude(pre)
+            self._decide(pre)
         rec = (self.stage == REC).nonzero().flatten()
         if len(rec):
             self._recurse(rec)
@@ -132,6 +130,7 @@ class Engine:
             self._finish(post)
 
     def _admit(self) -> None:
+        by_len: dict[int, list[int]] = {}  # prompt length -> newly filled slots
         for s in range(self.S):
             if self.slot_req[s] is None and self.queue:
                 req = self.queue.popleft()
@@ -139,11 +138,14 @@ class Engine:
                 self._reset_slot(s)
                 if req.sampling.seed is not None and req.sampling.temperature > 0:
                     self.generators[s] = torch.Generator(device=self.h.device).manual_seed(req.sampling.seed)
-                slot = torch.tensor([s], device=self.h.device)
-                prompt = torch.tensor([req.prompt], device=self.h.device)
-                logits = self.model(prompt, cache=_Apps(self, slot)).logits[:, -1]  # batched prefill
-                self.pos[s] = len(req.prompt)
-                self._emit(slot, logits, torch.zeros(1, dtype=torch.long, device=self.h.device) - 1)
+                by_len.setdefault(len(req.prompt), []).append(s)
+        dev = self.h.device
+        for n, group in by_len.items():  # one batched prefill per prompt length
+            slots = torch.tensor(group, device=dev)
+            prompts = torch.tensor([self.slot_req[s].prompt for s in group], device=dev)  # (G, n)
+            logits = self.model(prompts, cache=_Apps(self, slots)).logits[:, -1]  # (G, V)
+            self.pos[slots] = n
+            self._emit(slots, logits, torch.full((len(group),), -1, dtype=torch.long, device=dev))
 
     def _reset_slot(self, s: int) -> None:
         self.allowed[s] = self.nr
@@ -190,7 +192,7 @@ class Engine:
             return go & (self.depth[slots] > r)
         if isinstance(router, ExpertChoiceRouter):
             h = self.h[slots]  # (N, 1, D)
-            for step in r.unique().tolist():
+            for step in r[go].unique().tolist():
                 if router.capacity(step) >= 1:
                     continue  # capacity 1: every token runs this step
                 gate = router.gates[step]
@@ -198,13 +200,19 @@ class Engine:
                 go = go & ((r != step) | (torch.sigmoid(pred) > 0.5))
         return go
 
-    def _recurse(self, slots: torch.Tensor) -> None:
-        m = self.model
+    def _decide(self, slots: torch.Tensor) -> None:
+        """Right after a token's prelude or block pass: does it run the next recursion step?
+
+        Deciding here (not at the start of the next tick) lets an exiting token run coda + head
+        in this very tick, and its successor enter the recursion in the next one: a token of
+        depth d costs d ticks.
+        """
         go = self._continues(slots)
         self.stage[slots[~go]] = POST
-        slots = slots[go]
-        if not len(slots):
-            return
+
+    def _recurse(self, slots: torch.Tensor) -> None:
+        """One shared-block pass for every in-flight token, whatever its recursion step."""
+        m = self.model
         shared_kv = m.cfg.kv_mode == "shared"
         groups = [slots[self.step[slots] == 0], slots[self.step[slots] > 0]] if shared_kv else [slots]
         for g in groups:
@@ -213,7 +221,7 @@ class Engine:
         self.stats["block_passes"] += 1
         self.stats["block_tokens"] += len(slots)
         self.step[slots] += 1
-        self.stage[slots[self.step[slots] >= self.nr]] = POST
+        self._decide(slots)
 
     def _block(self, slots: torch.Tensor, reuse: bool) -> None:
         """One pass of the shared block for tokens at (possibly) different recursion steps."""
@@ -224,13 +232,15 @@ class Engine:
         x = h = self.h[slots]
         for j, layer_id in enumerate(m.schedule.shared):
             layer = m.layers[layer_id]
-            if reuse:  # KV sharing: the queries read step 1's cache of their own sequence
-                k, v, kp = self.kv_block[j].read(slots)
-                x = layer(x, cos, sin, None, KVShare({j: (k, v, kp)}, j, True, pos))
-            else:
-                kv = KVView(RowView(self.kv_block[j], r * self.S + slots), pos)
-                share = KVShare({}, j, False, pos) if m.cfg.kv_mode == "shared" else None
-                x = layer(x, cos, sin, kv, share) if share is not None else layer(x, cos, sin, kv)
+            # row r * S + s: step r of slot s -- keys/values, or a Mamba layer's recurrent state
+            kv = KVView(RowView(self.kv_block[j], r * self.S + slots), pos)
+            share = None
+            if m.cfg.kv_mode == "shared":
+                if reuse and isinstance(layer.mixer, Attention):  # the queries read step 1's cache of their sequence
+                    share = KVShare({j: self.kv_block[j].read(slots)}, j, True, pos)
+                else:
+                    share = KVShare({}, j, False, pos)
+            x = layer(x, cos, sin, kv, share)
         if isinstance(router, ExpertChoiceRouter):
             if router.gating == "weighted":
                 logit = torch.empty(len(slots), 1, 1, device=h.device)
@@ -254,11 +264,14 @@ class Engine:
 
     def _emit(self, slots: torch.Tensor, logits: torch.Tensor, depths: torch.Tensor) -> None:
         """Sample each slot's next token; finished requests free their slot."""
-        for i, s in enumerate(slots.tolist()):
+        slot_list, depth_list = slots.tolist(), depths.tolist()
+        greedy = all(self.slot_req[s].sampling.temperature <= 0 for s in slot_list)
+        argmax = logits.argmax(-1).tolist() if greedy else None  # one op for the whole batch
+        for i, s in enumerate(slot_list):
             req = self.slot_req[s]
-            if int(depths[i]) >= 0:  # recursion steps the token just processed ran (not for the prompt)
-                req.depths.append(int(depths[i]))
-            nxt = int(sample_next(logits[i : i + 1].float(), req.sampling, self.generators[s]))
+            if depth_list[i] >= 0:  # recursion steps the token just processed ran (not for the prompt)
+                req.depths.append(depth_list[i])
+            nxt = argmax[i] if greedy else int(sample_next(logits[i : i + 1].float(), req.sampling, self.generators[s]))
             req.output.append(nxt)
             self.stats["tokens"] += 1
             if len(req.output) >= req.max_new_tokens or (req.eos_id is not None and nxt == req.eos_id):

@@ -107,7 +107,7 @@ def varied(router, kv="recursion_wise", mod=0.5, seed=0):
 def test_engine_batch_equals_each_request_alone(router, kv):
     m = varied(router, kv)
     torch.manual_seed(1)
-    prompts = [torch.randint(0, V, (n,)).tolist() for n in (3, 7, 5, 2, 9)]  # mixed lengths
+    prompts = [torch.randint(0, V, (n,)).tolist() for n in (3, 7, 3, 2, 9, 7)]  # mixed lengths, some equal
     engine = Engine(m, max_batch=3)  # fewer slots than requests: FIFO refills
     outs = engine.generate(prompts, max_new_tokens=6)
     alone = [generate(m, torch.tensor([p]), SamplingConfig(max_new_tokens=6, temperature=0))[0, len(p):].tolist()
