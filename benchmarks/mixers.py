@@ -28,11 +28,7 @@ from haipai_lightning.mixers import Attention, Mamba  # noqa: E402
 
 
 def main() -> None:
-    p = parser(__doc__)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parser(__doc__).parse_args()  # --threads is handled by the common parser
     lengths = [256, 1024] if args.quick else [256, 1024, 4096]
     d, tokens, steps, reps = 256, 4096, 32, (3 if args.quick else 5)
     torch.manual_seed(0)

@@ -29,11 +29,7 @@ from haipai_lightning.model import HaipaiModel  # noqa: E402
 
 
 def main() -> None:
-    p = parser(__doc__)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parser(__doc__).parse_args()  # --threads is handled by the common parser
     d, H, B, T, reps = (256, 768, 4, 256, 5) if args.quick else (256, 768, 8, 256, 11)
     cfg = ModelConfig(vocab_size=8192, d_model=d, n_layers=4, n_heads=4, n_kv_heads=4, ffn_hidden=H,
                       max_seq_len=T, n_recursions=1)

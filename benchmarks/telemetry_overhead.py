@@ -85,7 +85,7 @@ class Switched(L.Callback):
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.set_defaults(threads=2)  # the common parser's --threads; 2 = this machine's cores
     args = p.parse_args()
     q = yaml.safe_load(QUICK.read_text())
     seq, batch, steps = (64, 8, 300) if args.quick else (128, 16, 600)
@@ -94,7 +94,6 @@ def main() -> None:
     warmup = tele.every
     sw = Switched(tele, warmup)
     L.seed_everything(0, verbose=False)
-    torch.set_num_threads(args.threads)
     dm = TextDataModule(source="kjv", seq_len=seq, batch_size=batch, vocab_size=vocab)
     module = MoRLightningModule(
         config=ModelConfig(**{**q["model"]["config"], "vocab_size": vocab}),
