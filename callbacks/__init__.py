@@ -1,7 +1,10 @@
 """Lightning callbacks for Haipai (YAML: `class_path: callbacks.X`)."""
 
+from callbacks.curriculum import CurriculumSwitch, DepthCurriculum
 from callbacks.fit_summary import FitSummary
 from callbacks.flop_budget import FlopBudget
+from callbacks.growth import GrowthSchedule
+from callbacks.post_training_quantization import PostTrainingQuantization
 from callbacks.router_telemetry import RouterTelemetry
 
-__all__ = ["FitSummary", "FlopBudget", "RouterTelemetry"]
+__all__ = ["CurriculumSwitch", "DepthCurriculum", "FitSummary", "FlopBudget", "GrowthSchedule", "PostTrainingQuantization", "RouterTelemetry"]

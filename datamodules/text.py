@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from datamodules.corpus import fingerprint, load_documents
+from datamodules.curriculum import build_stages, check_curriculum_args, curriculum_data
 from datamodules.tokenizer import eos_id, id_space, load_tokenizer, train_tokenizer
 from haipai_lightning.config import ConfigError
 
@@ -154,6 +155,14 @@ class TextDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes (0 = load in the main process).
         text_field: Key/column holding the text in ``.jsonl``/``.parquet``/Hub data.
         max_documents: Keep only the first N documents (quick runs and tests); None = all.
+        curriculum: Score each training document's difficulty and train easy stages first
+            (with ``callbacks.CurriculumSwitch``): ``length``, ``rare_words`` (share of tokens
+            outside the corpus's head vocabulary) or ``reference_loss`` (a checkpoint's loss);
+            None = no curriculum.
+        curriculum_stages: Number of ordered stages (buckets of about equal token mass).
+        curriculum_cumulative: Stage s trains on buckets 0..s (the last stage is all the data);
+            False: on bucket s alone.
+        curriculum_reference: Checkpoint whose loss scores the documents (``reference_loss``).
     """
 
     def __init__(
@@ -169,6 +178,10 @@ class TextDataModule(L.LightningDataModule):
         num_workers: int = 0,
         text_field: str = "text",
         max_documents: int | None = None,
+        curriculum: str | None = None,
+        curriculum_stages: int = 3,
+        curriculum_cumulative: bool = True,
+        curriculum_reference: str | None = None,
     ):
         super().__init__()
         # Fail at construction, before minutes of preprocessing, naming the config field.
@@ -194,6 +207,11 @@ class TextDataModule(L.LightningDataModule):
         self.unigram_entropy: float | None = None
         self.vocab_size_actual: int | None = None
         self.datasets: dict[str, PackedDataset] = {}
+        # curriculum (datamodules/curriculum.py): the stage schedule is attached by callbacks.CurriculumSwitch
+        self.curriculum, self.curriculum_stages = curriculum, curriculum_stages
+        self.curriculum_cumulative, self.curriculum_reference = curriculum_cumulative, curriculum_reference
+        self.curriculum_schedule = None  # (epoch, step) -> stage
+        check_curriculum_args(self)
 
     # ----------------------------------------------------------------- cache
     @property
@@ -282,16 +300,22 @@ class TextDataModule(L.LightningDataModule):
                 f"the train split has only {len(self.datasets['train'])} blocks of data.seq_len={self.seq_len} "
                 f"tokens, fewer than data.batch_size={self.batch_size}; lower one of them or add data"
             )
+        if self.curriculum:
+            build_stages(self, out, meta)  # adds datasets "train_stage0".. and self.stage_docs / doc_scores
 
     # ----------------------------------------------------------- dataloaders
     def _loader(self, split: str, train: bool) -> DataLoader:
         if not self.datasets:
             raise RuntimeError("call prepare_data() and setup() before asking for dataloaders")
         ds = self.datasets[split]
+        if train and self.curriculum_schedule is not None:
+            ds, sampler = curriculum_data(self)  # the stages, each position drawn from the stage in force
+        else:
+            sampler = EpochSeededSampler(ds, self.seed, *self._resume_at()) if train else None
         return DataLoader(
             ds,
             batch_size=self.batch_size,
-            sampler=EpochSeededSampler(ds, self.seed, *self._resume_at()) if train else None,
+            sampler=sampler,
             drop_last=train,  # equal-size training batches; validation sees every block
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),

@@ -63,13 +63,12 @@ class LayerKV:
         if valid is not None:
             dest = torch.where(valid, dest, torch.full_like(dest, self.max_len))  # pads -> spare slot
         r = rows_idx[:, None].expand(B, T)
-        self.k[r, :, dest] = k.transpose(1, 2)  # (B, T, H, hd) into (R, H, L, hd) at [row, :, dest]
-        self.v[r, :, dest] = v.transpose(1, 2)
+        self._store(r, dest, k, v)
         self.pos[r, dest] = positions.expand(B, T) if positions.dim() == 2 else positions[None].expand(B, T)
         new_len = old + counts
         self.lengths[rows_idx] = new_len
         S = int(new_len.max())
-        keys, vals = self.k[rows_idx, :, :S], self.v[rows_idx, :, :S]
+        keys, vals = self._load(rows_idx, S)
         if rows is None and valid is None and T == 1 and bool((new_len == S).all()):
             return keys, vals, None
         # query j (the j-th valid new token of its row) sees entries < old + j + 1
@@ -87,7 +86,17 @@ class LayerKV:
         """(keys, values, entry positions) of `rows`, up to their longest length."""
         rows_idx = torch.arange(self.k.size(0), device=self.k.device) if rows is None else rows
         S = int(self.lengths[rows_idx].max())
-        return self.k[rows_idx, :, :S], self.v[rows_idx, :, :S], self.positions(rows_idx, S)
+        return (*self._load(rows_idx, S), self.positions(rows_idx, S))
+
+    # Storage hooks: a quantized cache (haipai_lightning/kv_quant.py) overrides these three.
+    def _store(self, r: torch.Tensor, dest: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k, v (B, H, T, hd) at [row r (B, T), :, entry dest (B, T)]."""
+        self.k[r, :, dest] = k.transpose(1, 2)  # (B, T, H, hd) into (R, H, L, hd) at [row, :, dest]
+        self.v[r, :, dest] = v.transpose(1, 2)
+
+    def _load(self, rows_idx: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, H, S, hd) of the first S entries of `rows_idx`."""
+        return self.k[rows_idx, :, :S], self.v[rows_idx, :, :S]
 
     def truncate(self, keep_before: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         """Drop the entries of `rows` at positions >= keep_before (B,) (speculative decoding rollback)."""
@@ -103,9 +112,9 @@ class LayerKV:
         if self.k is not None:
             self.lengths[rows] = 0
             self.pos[rows] = -1
-        for t in self.state.values():
+        for t in self.state.values():  # recurrent state: floats -> 0, integer positions -> -1 ("none yet")
             if isinstance(t, torch.Tensor):
-                t[rows] = 0
+                t[rows] = -1 if not t.is_floating_point() else 0
 
     def nbytes_used(self) -> int:
         """Bytes of the keys/values actually stored (not the preallocated buffer)."""

@@ -205,6 +205,9 @@ def _subcommands() -> dict[str, Callable[..., Any]]:
     return {
         "generate": generate_command,
         "visualize": visualize_command,
+        "eval": __import__("haipai_lightning.eval_command", fromlist=["_"]).eval_command,  # lm_eval stays lazy
+        "quantize": __import__("haipai_lightning.quant_commands", fromlist=["_"]).quantize_command,
+        "export": __import__("haipai_lightning.quant_commands", fromlist=["_"]).export_command,
     }
 
 

@@ -115,3 +115,39 @@ def forward_flops(model, records: list[RouterRecord], B: int, T: int) -> float:
 
 def training_flops(model, records: list[RouterRecord], B: int, T: int) -> float:
     return 3.0 * forward_flops(model, records, B, T)
+
+
+def nominal_records(model, B: int, T: int) -> list[RouterRecord]:
+    """Routing records of what the routers are *configured* to do, for planning without a forward.
+
+    Expert-choice depth routing and Mixture-of-Depths: their capacities (top-k of T, which
+    tokens does not change the count; evenly spaced ones here); token-choice depth routing: a
+    perfectly balanced router (each depth gets T / Nr tokens); routed MLPs: their top-k / capacity
+    (no record: `_nominal_experts`).
+    """
+    from haipai_lightning.routers import capacity_k
+
+    def spaced(k: int) -> torch.Tensor:  # bool (B, T): k evenly spaced tokens per row
+        m = torch.zeros(B, T, dtype=torch.bool)
+        m[:, torch.linspace(0, T - 1, k).round().long()] = True
+        return m
+
+    records: list[RouterRecord] = []
+    router, nr = model.router, model.schedule.n_recursions
+    if hasattr(router, "capacities"):
+        prev = T
+        for r in range(nr):
+            prev = min(capacity_k(router.capacity(r), T), prev)
+            records.append(RouterRecord(f"depth/step{r}", "depth_expert_choice", selected=spaced(prev)))
+    elif type(router).__name__ == "TokenChoiceRouter":
+        depth = (torch.arange(T) % nr + 1).expand(B, T)  # depths 1..Nr in equal shares
+        records.append(RouterRecord("depth/token_choice", "depth_token_choice", selected=depth))
+    for a in model.mod_gates:
+        records.append(RouterRecord(f"mod/layer{a}", "mod", selected=spaced(capacity_k(model.cfg.mod_capacity, T))))
+    return records
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """Nominal training FLOPs per token of `model` at sequence length `seq_len` (IsoFLOP planning:
+    budget = flops_per_token x tokens). Routed parts count at their configured capacities / top-k."""
+    return training_flops(model, nominal_records(model, 1, seq_len), 1, seq_len) / seq_len

@@ -126,9 +126,10 @@ def load_model(ckpt_path: str, map_location: str = "cpu") -> tuple[HaipaiModel, 
     meta = ckpt.get(CHECKPOINT_KEY)
     if meta is None:
         raise ConfigError(f"{ckpt_path!r} is not a Haipai checkpoint (no 'haipai' section)")
-    arch = meta["arch"]
-    model = HaipaiModel(ModelConfig.from_dict(arch["config"]),
-                        *(build_component(arch[k]) for k in ("mixer", "mlp", "router")))
+    from haipai_lightning.growth_arch import build_model, replay_arch
+
+    # a grown checkpoint's architecture is its base one with the growth log replayed
+    model = build_model(replay_arch(meta["arch"], meta.get("growth") or []))
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state)
     tokenizer = None

@@ -27,7 +27,10 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (B, T) or (T,) int64 -> cos, sin broadcastable to (B, T, H, hd/2)."""
-        if int(positions.max()) >= self.cos.size(0):
+        # The friendly check syncs with the host, and under torch.compile that .item() would split the
+        # graph at every layer group (3 graph breaks per forward); compiled code keeps inductor's own
+        # bounds check on the index instead.
+        if not torch.compiler.is_compiling() and int(positions.max()) >= self.cos.size(0):
             raise ValueError(
                 f"position {int(positions.max())} is beyond model.config.max_seq_len={self.cos.size(0)}; "
                 "raise max_seq_len or use a shorter prompt / fewer new tokens"

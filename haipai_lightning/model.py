@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from haipai_lightning.cache import KVCache, KVView
+from haipai_lightning.checkpointing import checkpointed_layer
 from haipai_lightning.config import ConfigError, ModelConfig
 from haipai_lightning.layers import RotaryEmbedding
 from haipai_lightning.mixers.attention import Attention, KVShare
@@ -39,8 +40,8 @@ class Block(nn.Module):
 
     `index` is the unique layer id and `name` ("layer3") names the records of a routed MLP
     (MoE / MoT: class attribute `routed = True`, forward(x, records)), which receives the
-    forward pass's `records` list. A mixer without keys/values (Mamba) takes `share` and
-    ignores it: under kv_mode=shared it runs on each step's active tokens.
+    forward pass's `records` list. Every mixer takes (x, cos, sin, kv, share); one without
+    keys/values (Mamba) ignores `share`: under kv_mode=shared it runs on each step's active tokens.
     """
 
     def __init__(self, cfg: ModelConfig, mixer: Factory, mlp: Factory, index: int = 0) -> None:
@@ -58,8 +59,7 @@ class Block(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVView | None = None,
         share: KVShare | None = None, records: list[RouterRecord] | None = None,
     ) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x), cos, sin, kv, share) if share is not None else \
-            x + self.mixer(self.mixer_norm(x), cos, sin, kv)
+        x = x + self.mixer(self.mixer_norm(x), cos, sin, kv, share)
         h = self.mlp_norm(x)
         return x + (self.mlp(h, records) if self.routed_mlp else self.mlp(h))
 
@@ -74,6 +74,8 @@ class HaipaiModel(nn.Module):
     ) -> None:
         super().__init__()
         self.cfg = cfg
+        # the factories this model was built with: growth (growth_arch.arch_of) rebuilds it larger
+        self.factories = {"mixer": mixer, "mlp": mlp, "router": router}
         self.schedule = make_schedule(cfg)
         self.order = self.schedule.order()
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -92,6 +94,9 @@ class HaipaiModel(nn.Module):
         mod_apps = unshared[cfg.mod_every - 1 :: cfg.mod_every] if cfg.mod_capacity > 0 else []
         self.mod_gates = nn.ModuleDict({str(a): TopKGate(cfg.d_model) for a in mod_apps})
         self.mod_aux_loss_weight = 0.001
+        # recompute the recursion steps' layer activations in the backward (set by the module's
+        # activation_checkpointing argument; not part of the architecture)
+        self.activation_checkpointing = False
         if cfg.kv_mode == "shared" and not self.schedule.cycle:
             raise ConfigError(f"model.config.kv_mode=shared needs a cycle strategy (got sharing={cfg.sharing})")
         caps = getattr(self.router, "capacities", None)
@@ -132,7 +137,16 @@ class HaipaiModel(nn.Module):
         return {"unique": unique, "effective": unique + (self.schedule.n_recursions - 1) * shared}
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
-        return KVCache(len(self.order), max_len or self.cfg.max_seq_len)
+        # a KV-quantized model (quantization.py) sets kv_cache_factory: its caches store int8/int4
+        make = getattr(self, "kv_cache_factory", None) or KVCache
+        return make(len(self.order), max_len or self.cfg.max_seq_len)
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "HaipaiModel":
+        """Load a `haipai export` directory (safetensors + config.json; no pickle). See export.py."""
+        from haipai_lightning.export import load_pretrained
+
+        return load_pretrained(path)[0]
 
     # ---------------------------------------------------------------- forward
     def forward(
@@ -167,6 +181,8 @@ class HaipaiModel(nn.Module):
                 kv = KVView(cache[a], pos, valid=sel.valid) if cache is not None else None
                 if str(a) in self.mod_gates:
                     h = self._mod(a, layer, h, positions, records, cache)
+                elif self.activation_checkpointing and self.order[a][1] is not None and kv is None and torch.is_grad_enabled():
+                    h = checkpointed_layer(layer, h, cos, sin, share, records)  # recursion blocks only
                 else:
                     h = layer(h, cos, sin, kv, share, records)
             return h
@@ -211,7 +227,7 @@ class HaipaiModel(nn.Module):
             cos, sin = self.rope(pos)
             g = torch.sigmoid(sel.gather(logits[..., None]))
             kv = KVView(cache[a], pos, valid=sel.valid) if cache is not None else None
-            x = x + g * (layer(x, cos, sin, kv) - x)
+            x = x + g * (layer(x, cos, sin, kv, None, records) - x)  # records: a routed MLP inside keeps its aux losses
         records.append(RouterRecord(f"mod/layer{a}", "mod", torch.sigmoid(logits.detach()), sel.mask(B, h.device),
                                     aux, {"bce": self.mod_aux_loss_weight}, metrics))
         return sel.scatter(h, x)

@@ -27,7 +27,7 @@ from torchmetrics.text import Perplexity
 from haipai_lightning.checkpoint import CHECKPOINT_KEY, arch_diff, build_component, component_spec
 from haipai_lightning.config import ConfigError, ModelConfig
 from haipai_lightning.model import HaipaiModel, ModelOutput
-from haipai_lightning.optim import TrapezoidLR, param_groups
+from haipai_lightning.optim import TrapezoidLR, optimizer_state_bytes, param_groups
 from haipai_lightning.routers import RouterRecord
 
 ComponentFactory = Callable[[ModelConfig], nn.Module]
@@ -47,6 +47,7 @@ class MoRLightningModule(L.LightningModule):
         optimizer: OptimizerCallable = _default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         compile: bool = False,
+        activation_checkpointing: bool = False,
     ) -> None:
         """A Mixture-of-Recursions language model and its training step.
 
@@ -61,6 +62,8 @@ class MoRLightningModule(L.LightningModule):
             lr_scheduler: LR scheduler class_path/init_args (e.g. haipai_lightning.optim.TrapezoidLR),
                 stepped every optimizer step; None = constant LR.
             compile: run the model's forward through torch.compile.
+            activation_checkpointing: recompute the recursion blocks' activations in the backward
+                (torch.utils.checkpoint per layer application): less memory, ~one more forward.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -80,6 +83,7 @@ class MoRLightningModule(L.LightningModule):
         self.growth_log: list[dict[str, Any]] = []
         self.model = HaipaiModel(config, *(build_component(self.arch[k]) for k in ("mixer", "mlp", "router")))
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
+        self.model.activation_checkpointing = activation_checkpointing
         self._forward = torch.compile(self.model) if compile else self.model
         self.val_loss = MeanMetric()
         self.val_ppl = Perplexity(ignore_index=-100)
@@ -117,6 +121,11 @@ class MoRLightningModule(L.LightningModule):
             tps = batch["input_ids"].numel() / max(now - self._t_last, 1e-9)
             self.log("train/tokens_per_s", tps, prog_bar=True, reduce_fx="mean")
         self._t_last = now
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # optimizer state is created at the first step; its size is what GaLore / 8-bit optimizers save
+        for i, opt in enumerate(self.trainer.optimizers):  # a walk over the state dicts: microseconds
+            self.log(f"train/optimizer_state_bytes{'' if i == 0 else i}", float(optimizer_state_bytes(opt)))
 
     def on_train_epoch_start(self) -> None:
         self._t_last = None
@@ -195,6 +204,19 @@ class MoRLightningModule(L.LightningModule):
                 + " -- use the config the checkpoint was trained with (its run dir holds config.yaml)"
             )
         self.tokenizer_json = self.tokenizer_json or saved.get("tokenizer")
+        log = saved.get("growth") or []
+        if log or self.growth_log:  # grown: replay the growth log on the base architecture before the state dict
+            from haipai_lightning.growth_arch import build_model, replay_arch
+
+            self.install_model(build_model(replay_arch(self.arch, log), device=self.device))
+        self.growth_log = [dict(e) for e in log]
+
+    def install_model(self, model: HaipaiModel) -> None:
+        """Swap in another model (a grown one), keeping compile and activation checkpointing; self.arch stays
+        the base architecture, self.config becomes the model's."""
+        model.activation_checkpointing = getattr(self.model, "activation_checkpointing", False)
+        self.model, self.config = model, model.cfg
+        self._forward = torch.compile(model) if self.hparams.get("compile") else model
 
 
 def _plain(v: Any) -> Any:

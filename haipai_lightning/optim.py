@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
@@ -10,20 +11,71 @@ from torch.optim.lr_scheduler import LRScheduler
 
 
 def param_groups(model: nn.Module, weight_decay: float | None = None) -> list[dict]:
-    """Decay matrices; never decay norms, biases and embeddings (nanoGPT / Llama practice).
+    """Decay matrices; never decay norms, biases, embeddings or parameters flagged `_no_weight_decay`.
 
-    The decay group keeps the optimizer's own `weight_decay` unless one is given here.
+    Groups (empty ones are left out), each named so optimizers can pick theirs:
+      "matrix"    2-D weights of the nn.Linear layers inside every block's mixer and MLP
+                  (attention and MLP projections, Mamba's projections; shared recursion
+                  blocks included, once): what GaLore / Q-GaLore project to low rank.
+      "decay"     other decayed parameters (routers, gates, an untied head, stacked experts).
+      "no_decay"  norms, biases, embeddings, and `p._no_weight_decay = True` (Mamba's A_log,
+                  as mamba-ssm marks it), weight_decay 0.
+    The decayed groups keep the optimizer's own `weight_decay` unless one is given here.
     """
-    decay, no_decay, seen = [], [], set()
+    # the Linear weights of mixers / MLPs of the unique layers: the low-rank projection targets
+    block = re.compile(r"(^|\.)layers\.\d+\.(mixer|mlp)\.")
+    matrix_ids = {id(m.weight) for n, m in model.named_modules()
+                  if isinstance(m, nn.Linear) and block.search(n + ".") and m.weight.ndim == 2}
+    groups: dict[str, list[nn.Parameter]] = {"matrix": [], "decay": [], "no_decay": []}
+    seen: set[int] = set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:  # tied / shared weights appear once
             continue
         seen.add(id(p))
-        (no_decay if p.ndim < 2 or "embed" in name else decay).append(p)
-    group = {"params": decay, "name": "decay"}
-    if weight_decay is not None:
-        group["weight_decay"] = weight_decay
-    return [group, {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+        if p.ndim < 2 or "embed" in name or getattr(p, "_no_weight_decay", False):
+            groups["no_decay"].append(p)
+        else:
+            groups["matrix" if id(p) in matrix_ids else "decay"].append(p)
+    out = []
+    for key, params in groups.items():
+        if not params:
+            continue
+        group: dict = {"params": params, "name": key}
+        if key == "no_decay":
+            group["weight_decay"] = 0.0
+        elif weight_decay is not None:
+            group["weight_decay"] = weight_decay
+        out.append(group)
+    return out
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held by the optimizer's state: every tensor in `optimizer.state`, counted once.
+
+    Tensors inside objects a state may hold (galore-torch keeps a `GaLoreProjector` with its
+    `ortho_matrix`) are counted too. Parameters and gradients are not state.
+    """
+    seen: set[int] = set()
+    total = 0
+
+    def visit(v) -> None:
+        nonlocal total
+        if isinstance(v, torch.Tensor):
+            if id(v) not in seen:
+                seen.add(id(v))
+                total += v.numel() * v.element_size()
+        elif isinstance(v, dict):
+            for x in v.values():
+                visit(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                visit(x)
+        elif hasattr(v, "ortho_matrix"):  # galore_torch.galore_projector.GaLoreProjector
+            visit(v.ortho_matrix)
+
+    for state in optimizer.state.values():
+        visit(state)
+    return total
 
 
 class TrapezoidLR(LRScheduler):

@@ -12,7 +12,7 @@ CONFIGS = sorted(str(p) for p in (Path(__file__).parents[1] / "configs").glob("*
 
 def test_there_are_configs():
     names = {Path(c).name for c in CONFIGS}
-    assert {"quickstart.yaml", "stage1.yaml"} <= names
+    assert {"quickstart.yaml", "stage1.yaml", "growth.yaml", "stage2.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: Path(p).name)

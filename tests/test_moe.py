@@ -206,6 +206,14 @@ def test_records_are_unique_per_application():
     assert out.aux_losses["moe/layer1/2/balance"].item() == pytest.approx(
         0.01 * out.records[3].aux_losses["balance"].item())
 
+    # an MoE inside a Mixture-of-Depths layer still reports its record and aux losses
+    m = HaipaiModel(cfg(mod_capacity=0.5), mlp=MOES["token_choice"])
+    out = m(torch.randint(0, V, (2, T)))
+    names = [r.name for r in out.records]
+    assert names == ["moe/layer0/0", "moe/layer1/0", "moe/layer1/1", "moe/layer1/2",  # MoD on the coda (app 4):
+                     "moe/layer2/0", "mod/layer4"]
+    assert "moe/layer2/0/balance" in out.aux_losses and "mod/layer4/bce" in out.aux_losses
+
 
 @pytest.mark.parametrize("name", list(MOES))
 def test_gradients_reach_routers_and_loss_decreases(name):
