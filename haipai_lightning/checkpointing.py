@@ -22,15 +22,15 @@ from torch.utils.checkpoint import checkpoint
 
 
 def checkpointed_layer(layer: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, share: Any,
-                       records: list) -> torch.Tensor:
-    """layer(h, cos, sin, None, share, records) with its activations recomputed in the backward.
+                       records: list, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """layer(h, cos, sin, None, share, records, valid) with its activations recomputed in the backward.
 
     h (B, k, D) -> (B, k, D); `layer` is a model.Block; no KV cache (training forwards only).
     """
     if layer.routed_mlp:
         def mixer(x: torch.Tensor) -> torch.Tensor:
             n = layer.mixer_norm(x)
-            return layer.mixer(n, cos, sin, None, share) if share is not None else layer.mixer(n, cos, sin, None)
+            return layer.mixer(n, cos, sin, None, share, valid)
 
         x = h + checkpoint(mixer, h, use_reentrant=False)
         return x + layer.mlp(layer.mlp_norm(x), records)
@@ -39,6 +39,6 @@ def checkpointed_layer(layer: Any, h: torch.Tensor, cos: torch.Tensor, sin: torc
 
     def run(x: torch.Tensor) -> torch.Tensor:
         calls[0] += 1
-        return layer(x, cos, sin, None, share, records if calls[0] == 1 else [])
+        return layer(x, cos, sin, None, share, records if calls[0] == 1 else [], valid)
 
     return checkpoint(run, h, use_reentrant=False)

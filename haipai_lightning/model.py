@@ -58,8 +58,9 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVView | None = None,
         share: KVShare | None = None, records: list[RouterRecord] | None = None,
+        valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x), cos, sin, kv, share)
+        x = x + self.mixer(self.mixer_norm(x), cos, sin, kv, share, valid)
         h = self.mlp_norm(x)
         return x + (self.mlp(h, records) if self.routed_mlp else self.mlp(h))
 
@@ -182,9 +183,9 @@ class HaipaiModel(nn.Module):
                 if str(a) in self.mod_gates:
                     h = self._mod(a, layer, h, positions, records, cache)
                 elif self.activation_checkpointing and self.order[a][1] is not None and kv is None and torch.is_grad_enabled():
-                    h = checkpointed_layer(layer, h, cos, sin, share, records)  # recursion blocks only
+                    h = checkpointed_layer(layer, h, cos, sin, share, records, sel.valid)  # recursion blocks only
                 else:
-                    h = layer(h, cos, sin, kv, share, records)
+                    h = layer(h, cos, sin, kv, share, records, sel.valid if kv is None else None)
             return h
 
         n_pre = len(self.schedule.prelude)
@@ -227,7 +228,7 @@ class HaipaiModel(nn.Module):
             cos, sin = self.rope(pos)
             g = torch.sigmoid(sel.gather(logits[..., None]))
             kv = KVView(cache[a], pos, valid=sel.valid) if cache is not None else None
-            x = x + g * (layer(x, cos, sin, kv, None, records) - x)  # records: a routed MLP inside keeps its aux losses
+            x = x + g * (layer(x, cos, sin, kv, None, records, sel.valid if kv is None else None) - x)  # records: a routed MLP inside keeps its aux losses
         records.append(RouterRecord(f"mod/layer{a}", "mod", torch.sigmoid(logits.detach()), sel.mask(B, h.device),
                                     aux, {"bce": self.mod_aux_loss_weight}, metrics))
         return sel.scatter(h, x)

@@ -97,6 +97,38 @@ def test_engine_batches_hybrid_models(router, kv):
     assert engine.stats["block_tokens"] > engine.stats["block_passes"]
 
 
+def _varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, causal=True, window_size=(-1, -1)):
+    """flash_attn_varlen_func's contract in PyTorch: packed (N, H, hd) sequences cut at cu_seqlens,
+    causal, GQA by head groups, window (left, right)."""
+    out = []
+    for s, e in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        qs, ks, vs = (t[s:e].transpose(0, 1) for t in (q, k, v))  # (H, n, hd)
+        n = e - s
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None]
+        mask = (j <= i) & ((j > i - window_size[0] - 1) if window_size[0] >= 0 else True)
+        y = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
+        out.append(y.transpose(0, 1))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_flash_varlen_packing_equals_padded_causal_attention(window):
+    """Token-choice rows of unequal length (pads trail): packing the real tokens for a varlen kernel
+    and scattering back gives padded causal attention's outputs on every real token, zeros on pads."""
+    torch.manual_seed(0)
+    B, T, H, Hkv, hd = 3, 7, 4, 2, 8
+    q, k, v = torch.randn(B, T, H, hd), torch.randn(B, T, Hkv, hd), torch.randn(B, T, Hkv, hd)
+    valid = torch.arange(T)[None] < torch.tensor([7, 4, 1])[:, None]
+    w = (-1, -1) if window is None else (window - 1, 0)
+    y = attention_module.flash_varlen(q, k, v, valid, w, _varlen_reference)
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None]
+    mask = (j <= i) & ((j > i - window) if window else True)
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                         enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(y[valid], ref[valid], atol=1e-6, rtol=1e-5)
+    assert (y[~valid] == 0).all()
+
+
 def test_hybrid_speculative_decoding_equals_greedy():
     """Speculative decoding rolls the caches back (KVCache.truncate): Mamba restores its state from
     its per-token history, so the output is plain greedy decoding."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,24 @@ class KVShare:
     slot: int
     reuse: bool
     q_pos: torch.Tensor | None = None  # (B, T) or (T,) positions of the queries
+
+
+def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, window: tuple[int, int],
+                 varlen_fn: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """Causal attention of padded rows through a varlen kernel: no work on the pads.
+
+    q (B, T, H, hd), k / v (B, T, Hkv, hd), valid (B, T) with each row's real tokens first (routing
+    pads trail). The real tokens are packed into one (N, H, hd) sequence cut at cu_seqlens, as
+    flash_attn_varlen_func takes them, and scattered back; pad rows of the output are zero.
+    `varlen_fn` is flash-attn's kernel on a GPU (tests pass a PyTorch reference of its contract).
+    """
+    counts = valid.sum(1)  # (B,)
+    cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)  # (B + 1,) sequence starts in the packed batch
+    n = int(counts.max())
+    out = varlen_fn(q[valid], k[valid], v[valid], cu, cu, n, n, causal=True, window_size=window)  # (N, H, hd)
+    y = q.new_zeros(q.shape)
+    y[valid] = out
+    return y
 
 
 class Attention(nn.Module):
@@ -80,9 +99,12 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         kv: KVView | None = None,
         share: KVShare | None = None,
+        valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, T, D); cos/sin broadcastable to (B, T, H, hd/2); kv: this application's decode cache;
-        share: recursive KV sharing (MoR) -- store this step's keys/values, or reuse step 1's."""
+        share: recursive KV sharing (MoR) -- store this step's keys/values, or reuse step 1's;
+        valid (B, T): which gathered tokens are real when a routed step padded its rows (pads trail
+        each row, so causal attention is already exact; flash-attn's varlen kernel skips them)."""
         B, T, _ = x.shape
         reuse = share is not None and share.reuse
         qx, kx, vx = (self.wq(x), None, None) if reuse else self._qkv(x)
@@ -108,10 +130,14 @@ class Attention(nn.Module):
                 share.store[share.slot] = (k, v, key_pos)
         plain = kv is None and share is None  # the layer's own tokens, causal: kernels with built-in masks
         if plain and self.flash and _HAS_FLASH and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
-            from flash_attn import flash_attn_func  # (B, T, H, hd) layout, GQA built in
+            from flash_attn import flash_attn_func, flash_attn_varlen_func  # (B, T, H, hd) layout, GQA built in
 
             w = (-1, -1) if self.window is None else (self.window - 1, 0)
-            y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, window_size=w)
+            qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            if valid is not None and not bool(valid.all()):  # token-choice rows of unequal length
+                y = flash_varlen(qt, kt, vt, valid, w, flash_attn_varlen_func)
+            else:
+                y = flash_attn_func(qt, kt, vt, causal=True, window_size=w)
             return self.wo(y.reshape(B, T, self.n_heads * self.head_dim))
         if plain and self.flex and T > 1 and not torch.is_grad_enabled():
             y = self._flex(q, k, v)

@@ -232,7 +232,9 @@ class Mamba(nn.Module):
         return y
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
-                kv: Any = None, share: Any = None) -> torch.Tensor:
+                kv: Any = None, share: Any = None, valid: Any = None) -> torch.Tensor:
+        # `share` (KV sharing) and `valid` (routing pads) need nothing here: pads trail each row,
+        # so the causal scan of the real tokens never reads them; a cache view carries its own valid
         Bz, T, _ = x.shape
         Di, N, K = self.d_inner, self.d_state, self.d_conv
         u, z = self.in_proj(x).chunk(2, dim=-1)  # (Bz, T, Di) each
