@@ -86,6 +86,10 @@ class GrowthSchedule(L.Callback):
         return e if trainer.global_step >= e["at_step"] else None
 
     # ----------------------------------------------------------------- lightning
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.world_size > 1:  # refuse before training, not at the first growth
+            raise ConfigError(_SINGLE_PROCESS)
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_seen: int | None = None
 
@@ -109,9 +113,8 @@ class GrowthSchedule(L.Callback):
     def apply(self, trainer: L.Trainer, pl_module: L.LightningModule, entry: dict[str, Any]) -> GrowthReport:
         op, args = entry["op"], dict(entry.get("args") or {})
         check_op(op, args, "growth entry")
-        if trainer.world_size > 1:  # DDP / FSDP wrap the parameters at setup; a new model would escape them
-            raise ConfigError("callbacks.GrowthSchedule grows single-process training only; set trainer.devices: 1 "
-                              "for the growth run, then resume its grown checkpoint on more devices")
+        if trainer.world_size > 1:
+            raise ConfigError(_SINGLE_PROCESS)
         old = pl_module.model
         probe = self._probe if self._probe is not None else default_probe(old)
         new, report = grow(old, op, args, probe=probe.to(next(old.parameters()).device))
@@ -170,7 +173,9 @@ class GrowthSchedule(L.Callback):
             old_p = old_params.get(src) if src else None
             if old_p is None or old_p not in old_opt.state:
                 continue
-            opt.state[p] = {k: _map_state(v, p, how) for k, v in old_opt.state[old_p].items()}
+            state = {k: _map_state(v, p, how) for k, v in old_opt.state[old_p].items()}
+            if all(v is not None for v in state.values()):  # else this parameter's state restarts
+                opt.state[p] = state
 
     @staticmethod
     def _log(trainer: L.Trainer, report: GrowthReport) -> None:
@@ -187,13 +192,26 @@ class GrowthSchedule(L.Callback):
                 exp.add_text("growth/report", f"| field | value |\n|---|---|\n{rows}", global_step=step)
 
 
+# DDP / FSDP wrap the parameters at setup; a grown model would escape them
+_SINGLE_PROCESS = ("callbacks.GrowthSchedule grows single-process training only; set trainer.devices: 1 "
+                   "for the growth run, then resume its grown checkpoint on more devices")
+
+
 def _map_state(v: Any, p: torch.Tensor, how: str) -> Any:
-    """One optimizer-state entry of an old parameter -> the entry of the new parameter p."""
-    if not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape == p.shape:
-        return v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
-    if how == "expert":  # dense Linear (H, D) -> experts (E, D, H)
+    """One optimizer-state entry of an old parameter -> the entry of the new parameter p, or None
+    when it does not map (the parameter's state then restarts).
+
+    Entries shaped like the parameter (Adam's moments) map by `how`; for the same tensor ("same")
+    or an exact copy ("copy") every entry carries over whatever its shape, so GaLore's low-rank
+    moments and projectors and bitsandbytes' quantization maps survive growth too.
+    """
+    if not isinstance(v, torch.Tensor):
+        return copy.deepcopy(v)
+    if v.dim() == 0 or v.shape == p.shape or how in ("same", "copy"):
+        return v.clone()
+    if how == "expert" and v.dim() == 2 and v.t().shape == p.shape[1:]:  # dense Linear (H, D) -> experts (E, D, H)
         return v.t().unsqueeze(0).expand(p.shape).clone()
-    raise ValueError(f"cannot map optimizer state of shape {tuple(v.shape)} to {tuple(p.shape)}")
+    return None
 
 
 def _plain_summary(report: GrowthReport) -> dict[str, Any]:

@@ -66,5 +66,7 @@ class PostTrainingQuantization(L.Callback):
             from haipai_lightning.quantization import quantize_model
 
             for m in self.methods:
-                save_pretrained(quantize_model(model, m), Path(self.export_dir) / m, arch=pl_module.arch,
+                # arch=None: the specs of the model's own factories -- after growth, the grown ones
+                # (pl_module.arch keeps the base architecture, which the growth log replays on load)
+                save_pretrained(quantize_model(model, m), Path(self.export_dir) / m, arch=None,
                                 tokenizer_json=pl_module.tokenizer_json, overwrite=True)

@@ -62,7 +62,12 @@ def check_op(op: str, args: dict[str, Any], where: str = "growth op") -> None:
         raise ConfigError(f"{where}: op={op!r} is unknown; use one of {', '.join(OPS)}")
     fn = {"upcycle_to_moe": _upcycle, "hyperclone": _hyperclone, "gstack": _gstack}[op]
     params = inspect.signature(fn).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+    if op == "upcycle_to_moe":  # its **moe_args go to TokenChoiceMoE: check them against its signature now
+        known = (set(inspect.signature(TokenChoiceMoE).parameters) - {"cfg", "expert_hidden"}) | WEIGHT_ONLY_ARGS[op]
+        if set(args) - known:
+            raise ConfigError(f"{where}: upcycle_to_moe has no argument(s) {sorted(set(args) - known)}; "
+                              f"valid: {sorted(known)}")
+    elif not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         unknown = set(args) - set(params) - WEIGHT_ONLY_ARGS[op]
         if unknown:
             known = sorted((set(params) - {"arch"}) | WEIGHT_ONLY_ARGS[op])

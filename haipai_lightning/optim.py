@@ -24,8 +24,10 @@ def param_groups(model: nn.Module, weight_decay: float | None = None) -> list[di
     """
     # the Linear weights of mixers / MLPs of the unique layers: the low-rank projection targets
     block = re.compile(r"(^|\.)layers\.\d+\.(mixer|mlp)\.")
+    # routing layers inside an MLP (MoE router, MoT controller, top-p predictor) are gates, not projections
+    gate = re.compile(r"\.(router|controller|predictor)$")
     matrix_ids = {id(m.weight) for n, m in model.named_modules()
-                  if isinstance(m, nn.Linear) and block.search(n + ".") and m.weight.ndim == 2}
+                  if isinstance(m, nn.Linear) and block.search(n + ".") and not gate.search(n) and m.weight.ndim == 2}
     groups: dict[str, list[nn.Parameter]] = {"matrix": [], "decay": [], "no_decay": []}
     seen: set[int] = set()
     for name, p in model.named_parameters():

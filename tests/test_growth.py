@@ -293,6 +293,44 @@ def test_lr_schedule_continues_across_growth(cache, tmp_path):
     assert spy.sched.last_epoch == 4 and spy.sched.base_lrs == pytest.approx([0.5e-3] * 3)
 
 
+def test_growth_under_galore_carries_low_rank_state(cache, tmp_path):
+    """GaLore's low-rank moments are not shaped like their parameter: an unchanged or copied parameter
+    keeps them, and growth trains on."""
+    from haipai_lightning.optimizers import GaLoreAdamW
+
+    L.seed_everything(0)
+    sched = [{"at_epoch": 1, "op": "gstack", "args": {"extra_layers": 1}}]
+    mod = MoRLightningModule(config=module().config, router=ExpertChoiceRouter,
+                             optimizer=lambda groups: GaLoreAdamW(groups, lr=1e-3, rank=4, update_proj_gap=2))
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.current_epoch == 1 and batch_idx == 0:
+                opt, named = trainer.optimizers[0], dict(pl_module.model.named_parameters())
+                self.state = {k: v.clone() for k, v in opt.state[named["layers.1.mixer.wq.weight"]].items()
+                              if isinstance(v, torch.Tensor)}
+
+    spy = Spy()
+    fit(str(tmp_path), cache, 3, [GrowthSchedule(sched), spy], mod=mod)
+    assert mod.model.cfg.n_layers == 8 and spy.state  # grown, and the shared layer's state was carried
+    assert any(v.dim() == 2 and v.shape != (32, 32) for v in spy.state.values())  # low-rank moments
+
+
+def test_bad_upcycle_argument_fails_before_training():
+    with pytest.raises(ConfigError, match="n_expert"):
+        GrowthSchedule([{"at_epoch": 1, "op": "upcycle_to_moe", "args": {"n_expert": 8}}])
+
+
+def test_export_of_a_grown_model_loads(tmp_path):
+    from haipai_lightning.export import load_pretrained, save_pretrained
+
+    g, _ = upcycle_to_moe(tiny(router=ExpertChoiceRouter), n_experts=4, top_k=2)
+    save_pretrained(g, tmp_path / "exp")  # component specs from the grown model's own factories
+    loaded = load_pretrained(str(tmp_path / "exp"))[0]
+    x = ids()
+    assert isinstance(loaded.layers[0].mlp, TokenChoiceMoE) and torch.equal(logits(loaded, x), logits(g, x))
+
+
 def test_violated_tolerance_restores_the_model_and_raises(cache, tmp_path):
     sched = [{"at_epoch": 1, "op": "gstack", "args": {"extra_layers": 1}, "tolerance": 1e-6}]
     mod = module()

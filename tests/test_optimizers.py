@@ -65,6 +65,11 @@ def test_param_groups_matrix_group_and_no_weight_decay():
     assert id(m.embed.weight) in ids["no_decay"] and groups["no_decay"]["weight_decay"] == 0.0
     assert groups["matrix"]["weight_decay"] == 0.1
     assert all(p.ndim == 2 for p in groups["matrix"]["params"])
+    from haipai_lightning.mlps import TokenChoiceMoE
+
+    moe = HaipaiModel(cfg(), mlp=functools.partial(TokenChoiceMoE, n_experts=4))
+    ids = {g["name"]: {id(p) for p in g["params"]} for g in param_groups(moe)}
+    assert id(moe.layers[0].mlp.router.weight) in ids["decay"]  # an MoE router is a gate, not a projection
 
 
 @pytest.mark.parametrize("make", [GALORE, QGALORE], ids=["galore", "qgalore"])

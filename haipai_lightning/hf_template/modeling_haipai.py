@@ -70,8 +70,11 @@ class HaipaiForCausalLM(PreTrainedModel, GenerationMixin):
                 labels: torch.Tensor | None = None, **kwargs) -> CausalLMOutputWithPast:
         """input_ids (B, T) -> logits (B, T, V); labels (B, T) give the shifted next-token loss.
 
-        attention_mask is accepted for API compatibility and ignored: rows must not be padded
-        (MoR's causal routing has no notion of padding tokens)."""
+        attention_mask is accepted for API compatibility: rows must not be padded (MoR's causal
+        routing has no notion of padding tokens), so a mask with zeros is refused."""
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ValueError("attention_mask: padded rows are not supported by Haipai models; "
+                             "generate one row at a time (or rows of equal length)")
         logits = self.model(input_ids).logits
         loss = None
         if labels is not None:
