@@ -16,6 +16,7 @@ What each figure is:
 
 from __future__ import annotations
 
+import copy
 import resource
 import sys
 import time
@@ -90,11 +91,12 @@ def efficiency_report(model: torch.nn.Module, ids: torch.Tensor | None = None, s
             return ids[offset : offset + b * t].view(b, t).to(dev)
         return torch.randint(0, cfg.vocab_size, (b, t), device=dev, generator=torch.Generator(dev).manual_seed(0))
 
-    # training FLOPs: routers decide as in training (top-k capacities), so run in train mode
+    # training FLOPs: routers decide as in training (top-k capacities), so run in train mode -- on a
+    # copy: a train-mode forward moves state (a token-choice MoE's loss-free balancing bias)
     was_training = model.training
-    model.train()
     x = tokens(batch, T)
-    records = model(x).records
+    with torch.no_grad():
+        records = copy.deepcopy(model).train()(x).records
     train_f = training_flops(model, records, batch, T) / (batch * T)
     fwd_f = forward_flops(model, records, batch, T) / (batch * T)
     model.eval()
@@ -110,6 +112,8 @@ def efficiency_report(model: torch.nn.Module, ids: torch.Tensor | None = None, s
         cache = model.new_cache(P + steps)
         t0 = time.perf_counter()
         nxt = model(prompt, cache=cache).logits[:, -1].argmax(-1, keepdim=True)  # (b, 1)
+        if dev.type == "cuda":  # the prefill's kernels end before the decode clock starts
+            torch.cuda.synchronize(dev)
         t1 = time.perf_counter()
         for _ in range(steps):
             nxt = model(nxt, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
