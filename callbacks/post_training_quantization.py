@@ -44,6 +44,17 @@ class PostTrainingQuantization(L.Callback):
         self.val_batches, self.decode_tokens, self.export_dir = val_batches, decode_tokens, export_dir
         self.rows: list[MethodReport] = []
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Refuse, before training, methods the model cannot take (weight methods on MoE / MoT MLPs)."""
+        model = getattr(pl_module, "model", None)
+        routed = [i for i, layer in enumerate(getattr(model, "layers", [])) if getattr(layer.mlp, "routed", False)]
+        weight = [m for m in self.methods if get_method(m).weights is not None]
+        if stage == "fit" and routed and weight:
+            raise ConfigError(
+                f"callbacks.PostTrainingQuantization methods {weight} quantize weights, which this model's routed "
+                f"MLPs (MoE / Mixture-of-Tokens in layers {routed}) do not support; keep only kv8 / kv4 in methods"
+            )
+
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dm = trainer.datamodule

@@ -80,6 +80,14 @@ def test_rotation_and_quantization_refuse_moe():
     with pytest.raises(ConfigError, match="routed MLPs"):
         quantize_model(m, "int8")
     quantize_model(m, "kv4")  # the KV cache alone is fine
+    # the callback refuses weight methods at setup, before any training
+    from types import SimpleNamespace
+
+    from callbacks import PostTrainingQuantization
+
+    with pytest.raises(ConfigError, match="PostTrainingQuantization methods \\['int8'\\]"):
+        PostTrainingQuantization(methods=["int8", "kv4"]).setup(None, SimpleNamespace(model=m), "fit")
+    PostTrainingQuantization(methods=["kv4"]).setup(None, SimpleNamespace(model=m), "fit")
 
 
 def test_weights_are_really_low_bit():
