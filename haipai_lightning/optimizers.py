@@ -243,14 +243,25 @@ class QGaLoreAdamW(Optimizer):
         g = st["proj_group"]
         return dequantize(st["proj_q"], st["proj_scale"], st["proj_bits"], g, torch.Size(st["proj_shape"])).to(like.dtype)
 
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        # torch casts every state tensor to its parameter's dtype on load; under bf16 parameters the fp16
+        # scales would lose bits, so they travel as nested lists of floats (fp16 -> float is exact).
+        # The inner dicts are the live state's: copy before replacing.
+        sd["state"] = {k: ({**st, "proj_scale": st["proj_scale"].float().tolist()} if "proj_scale" in st else st)
+                       for k, st in sd["state"].items()}
+        return sd
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        # torch casts every state tensor of a float parameter to the parameter's dtype: undo it
-        # for the codes and scales (integers and fp16 values, so the round trip is exact)
+        # undo torch's cast of the codes (integers up to 255: exact in any float dtype torch casts to)
         for st in self.state.values():
             if "proj_q" in st:
+                dev = st["proj_q"].device
                 st["proj_q"] = st["proj_q"].to(torch.uint8 if st["proj_bits"] == 4 else torch.int8)
-                st["proj_scale"] = st["proj_scale"].half()
+                scale = st["proj_scale"]
+                st["proj_scale"] = (torch.tensor(scale, dtype=torch.float16, device=dev) if isinstance(scale, list)
+                                    else scale.half())  # a tensor: a state saved before scales became lists
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -114,6 +114,26 @@ def test_quantize_roundtrip_error_is_half_a_step(bits):
     assert (x - y).abs().max().item() <= 0.5 * step + 1e-3
 
 
+def test_qgalore_state_survives_bf16_parameters_exactly():
+    """torch casts optimizer state to the parameter dtype on load: the INT4 codes and fp16 scales must
+    come back bit for bit even for bf16 parameters."""
+    model, opt, _ = train(QGALORE, steps=3)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    fresh = HaipaiModel(cfg()).to(torch.bfloat16)
+    opt2 = QGALORE(param_groups(fresh))
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    a = [st for st in opt.state.values() if "proj_q" in st]
+    b = [st for st in opt2.state.values() if "proj_q" in st]
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        assert torch.equal(x["proj_q"], y["proj_q"]) and x["proj_q"].dtype == y["proj_q"].dtype
+        assert torch.equal(x["proj_scale"], y["proj_scale"]) and y["proj_scale"].dtype == torch.float16
+    assert isinstance(opt.state_dict()["state"][0], dict) and all(
+        isinstance(st["proj_scale"], torch.Tensor) for st in a)  # saving left the live state alone
+
+
 @pytest.mark.parametrize("make", [GALORE, QGALORE], ids=["galore", "qgalore"])
 def test_state_dict_round_trip_continues_exactly(make):
     """Save after 8 steps (weights_only load), continue 6: the same weights as 14 straight steps."""
