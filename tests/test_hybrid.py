@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import train_fixed_batch
+
 from haipai_lightning import flops
 from haipai_lightning.config import ConfigError, ModelConfig
 from haipai_lightning.layers import apply_rope
@@ -144,15 +146,7 @@ def test_routed_hybrid_is_causal_and_learns():
     torch.manual_seed(0)
     m = HaipaiModel(cfg(n_layers=5, mixer_pattern="AMA"), router=ExpertChoiceRouter)
     x = torch.randint(0, V, (4, T + 1))
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(20):
-        out = m(x[:, :-1])
-        lm = F.cross_entropy(out.logits.flatten(0, 1), x[:, 1:].flatten())
-        opt.zero_grad()
-        (lm + sum(out.aux_losses.values())).backward()
-        opt.step()
-        losses.append(lm.item())
+    losses = train_fixed_batch(m, x, steps=20)
     assert losses[-1] < 0.7 * losses[0], losses
     m.eval()
     y = x.clone()

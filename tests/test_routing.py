@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import train_fixed_batch
+
 from haipai_lightning.config import ConfigError, ModelConfig
 from haipai_lightning.generation import SamplingConfig, generate
 from haipai_lightning.layers import apply_rope
@@ -261,16 +263,7 @@ def test_gradients_reach_every_router(name):
 def test_loss_decreases_on_fixed_batch(name, kv, mod):
     torch.manual_seed(0)
     m = HaipaiModel(cfg(kv_mode=kv, mod_capacity=mod), router=ROUTERS[name])
-    x = torch.randint(0, V, (4, T + 1))
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(25):
-        out = m(x[:, :-1])
-        lm = F.cross_entropy(out.logits.flatten(0, 1), x[:, 1:].flatten())
-        opt.zero_grad()
-        (lm + sum(out.aux_losses.values())).backward()
-        opt.step()
-        losses.append(lm.item())
+    losses = train_fixed_batch(m, torch.randint(0, V, (4, T + 1)), steps=25)
     assert losses[-1] < 0.6 * losses[0], losses
 
 
