@@ -24,9 +24,9 @@ from benchmarks.common import parser, table, write_json  # noqa: E402
 from callbacks import CurriculumSwitch  # noqa: E402
 from datamodules import TextDataModule  # noqa: E402
 from haipai_lightning.config import ModelConfig  # noqa: E402
-from haipai_lightning.module import MoRLightningModule  # noqa: E402
-from haipai_lightning.optim import TrapezoidLR  # noqa: E402
-from haipai_lightning.routers import ExpertChoiceRouter  # noqa: E402
+from haipai_lightning.train.module import MoRLightningModule  # noqa: E402
+from haipai_lightning.train.schedules import TrapezoidLR  # noqa: E402
+from haipai_lightning.model.routing.expert_choice import ExpertChoiceRouter  # noqa: E402
 
 
 class Curve(L.Callback):

@@ -24,10 +24,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import alternate, parser, table, write_json  # noqa: E402
 from haipai_lightning.config import ModelConfig  # noqa: E402
-from haipai_lightning.engine import Engine  # noqa: E402
-from haipai_lightning.generation import SamplingConfig, generate  # noqa: E402
-from haipai_lightning.model import HaipaiModel  # noqa: E402
-from haipai_lightning.routers import ExpertChoiceRouter, FullRecursion  # noqa: E402
+from haipai_lightning.decode.engine import Engine  # noqa: E402
+from haipai_lightning.decode.sampling import SamplingConfig
+from haipai_lightning.decode.generate import generate  # noqa: E402
+from haipai_lightning.model.decoder import HaipaiModel  # noqa: E402
+from haipai_lightning.model.routing.expert_choice import ExpertChoiceRouter
+from haipai_lightning.model.routing.base import FullRecursion  # noqa: E402
 
 
 QUEUE = 4  # requests per run = QUEUE x batch: continuous batching refills slots from a queue, as served

@@ -25,10 +25,10 @@ from benchmarks.common import parser, table, write_json  # noqa: E402
 from callbacks import FlopBudget, GrowthSchedule  # noqa: E402
 from datamodules import TextDataModule  # noqa: E402
 from haipai_lightning.config import ModelConfig  # noqa: E402
-from haipai_lightning.growth_arch import grow_arch  # noqa: E402
-from haipai_lightning.module import MoRLightningModule  # noqa: E402
-from haipai_lightning.optim import TrapezoidLR  # noqa: E402
-from haipai_lightning.routers import ExpertChoiceRouter  # noqa: E402
+from haipai_lightning.grow.arch import grow_arch  # noqa: E402
+from haipai_lightning.train.module import MoRLightningModule  # noqa: E402
+from haipai_lightning.train.schedules import TrapezoidLR  # noqa: E402
+from haipai_lightning.model.routing.expert_choice import ExpertChoiceRouter  # noqa: E402
 
 GROW = {"op": "hyperclone", "args": {"width_factor": 2, "noise_snr_db": 20.0}}
 

@@ -24,9 +24,11 @@ from benchmarks.common import parser, table, write_json  # noqa: E402
 from callbacks import FlopBudget  # noqa: E402
 from datamodules import TextDataModule  # noqa: E402
 from haipai_lightning.config import ModelConfig  # noqa: E402
-from haipai_lightning.module import MoRLightningModule  # noqa: E402
-from haipai_lightning.optim import TrapezoidLR  # noqa: E402
-from haipai_lightning.routers import ExpertChoiceRouter, FullRecursion, TokenChoiceRouter  # noqa: E402
+from haipai_lightning.train.module import MoRLightningModule  # noqa: E402
+from haipai_lightning.train.schedules import TrapezoidLR  # noqa: E402
+from haipai_lightning.model.routing.expert_choice import ExpertChoiceRouter
+from haipai_lightning.model.routing.base import FullRecursion
+from haipai_lightning.model.routing.token_choice import TokenChoiceRouter  # noqa: E402
 
 MODELS = [  # key, n_recursions, router
     ("vanilla", 1, FullRecursion),

@@ -21,10 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import alternate, parser, table, write_json  # noqa: E402
-from haipai_lightning.cache import KVView, LayerKV  # noqa: E402
+from haipai_lightning.model.cache import KVView, LayerKV  # noqa: E402
 from haipai_lightning.config import ModelConfig  # noqa: E402
-from haipai_lightning.layers import RotaryEmbedding  # noqa: E402
-from haipai_lightning.mixers import Attention, Mamba  # noqa: E402
+from haipai_lightning.model.rope import RotaryEmbedding  # noqa: E402
+from haipai_lightning.model.mixers import Attention, Mamba  # noqa: E402
 
 
 def main() -> None:

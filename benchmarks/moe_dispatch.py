@@ -24,8 +24,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import alternate, parser, table, write_json  # noqa: E402
 from haipai_lightning.config import ModelConfig  # noqa: E402
-from haipai_lightning.mlps import SwiGLU, TokenChoiceMoE  # noqa: E402
-from haipai_lightning.model import HaipaiModel  # noqa: E402
+from haipai_lightning.model.mlps import SwiGLU, TokenChoiceMoE  # noqa: E402
+from haipai_lightning.model.decoder import HaipaiModel  # noqa: E402
 
 
 def main() -> None:

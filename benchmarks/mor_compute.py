@@ -18,8 +18,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import parser, table, time_fn, write_json  # noqa: E402
 from haipai_lightning.config import ModelConfig  # noqa: E402
-from haipai_lightning.model import HaipaiModel  # noqa: E402
-from haipai_lightning.routers import ExpertChoiceRouter, FullRecursion  # noqa: E402
+from haipai_lightning.model.decoder import HaipaiModel  # noqa: E402
+from haipai_lightning.model.routing.expert_choice import ExpertChoiceRouter
+from haipai_lightning.model.routing.base import FullRecursion  # noqa: E402
 
 
 def kv_entries(model: HaipaiModel, x: torch.Tensor) -> int:

@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import parser, table, write_json  # noqa: E402
 from datamodules import TextDataModule  # noqa: E402
 from haipai_lightning.config import ConfigError, ModelConfig  # noqa: E402
-from haipai_lightning.model import HaipaiModel  # noqa: E402
-from haipai_lightning.optim import optimizer_state_bytes, param_groups  # noqa: E402
-from haipai_lightning.optimizers import AdamW8bit, GaLoreAdamW, QGaLoreAdamW, check_bitsandbytes  # noqa: E402
-from haipai_lightning.routers import ExpertChoiceRouter  # noqa: E402
+from haipai_lightning.model.decoder import HaipaiModel  # noqa: E402
+from haipai_lightning.train.schedules import optimizer_state_bytes, param_groups  # noqa: E402
+from haipai_lightning.train.optimizers import AdamW8bit, GaLoreAdamW, QGaLoreAdamW, check_bitsandbytes  # noqa: E402
+from haipai_lightning.model.routing.expert_choice import ExpertChoiceRouter  # noqa: E402
 
 
 def loss_of(model: HaipaiModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:

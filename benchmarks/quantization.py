@@ -3,7 +3,7 @@
 Two models trained here briefly on the default corpus (King James Bible, BPE 4096, blocks of
 128): the quickstart shape (d=192, 5 layers, Nr=3 expert-choice, middle-cycle) and a larger
 CPU-scale one (d=384, 8 layers, 6 heads of 64, Nr=3). Each is then quantized by every method of
-haipai_lightning.quantization.METHODS and evaluated on the same validation blocks: perplexity
+haipai_lightning.quant.methods.METHODS and evaluated on the same validation blocks: perplexity
 before / after, model.safetensors size before / after, greedy batch-1 decode tokens/s before /
 after (haipai_lightning/quant_report.py).
 
@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import parser, table, write_json  # noqa: E402
 from datamodules import TextDataModule  # noqa: E402
 from haipai_lightning.config import ModelConfig  # noqa: E402
-from haipai_lightning.model import HaipaiModel  # noqa: E402
-from haipai_lightning.quant_report import COLUMNS, evaluate_methods  # noqa: E402
-from haipai_lightning.quantization import METHODS  # noqa: E402
-from haipai_lightning.routers import ExpertChoiceRouter  # noqa: E402
+from haipai_lightning.model.decoder import HaipaiModel  # noqa: E402
+from haipai_lightning.eval.quant_report import COLUMNS, evaluate_methods  # noqa: E402
+from haipai_lightning.quant.methods import METHODS  # noqa: E402
+from haipai_lightning.model.routing.expert_choice import ExpertChoiceRouter  # noqa: E402
 
 SHAPES = {
     "quickstart": dict(d_model=192, n_layers=5, n_heads=4, n_kv_heads=2, ffn_hidden=512),

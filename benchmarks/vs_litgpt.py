@@ -36,8 +36,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import parser, table, write_json  # noqa: E402
 from haipai_lightning.config import ModelConfig  # noqa: E402
-from haipai_lightning.flops import training_flops  # noqa: E402
-from haipai_lightning.module import MoRLightningModule  # noqa: E402
+from haipai_lightning.analysis.flops import training_flops  # noqa: E402
+from haipai_lightning.train.module import MoRLightningModule  # noqa: E402
 
 
 PEAK_N = 2048  # the matmul peak: one fp32 2048^3 matmul (2 n^3 FLOPs), timed as one more alternating arm

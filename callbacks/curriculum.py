@@ -122,7 +122,7 @@ class DepthCurriculum(Curriculum):
         target = getattr(router, "capacities", None)
         if target is None:
             raise ConfigError(f"callbacks.DepthCurriculum needs an expert-choice router with capacities; model.router is "
-                              f"{type(router).__name__} (use haipai_lightning.routers.ExpertChoiceRouter)")
+                              f"{type(router).__name__} (use haipai_lightning.ExpertChoiceRouter)")
         self._check_stages(len(self.capacities), f"callbacks.DepthCurriculum.capacities ({len(self.capacities)} stages)")
         for s, caps in enumerate(self.capacities):
             if len(caps) != len(target) or any(not 0 < c <= 1 for c in caps) or any(b > a for a, b in zip(caps, caps[1:])):

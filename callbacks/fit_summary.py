@@ -8,7 +8,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from haipai_lightning.generation import SamplingConfig, generate
+from haipai_lightning.decode.sampling import SamplingConfig
+from haipai_lightning.decode.generate import generate
 
 
 class FitSummary(L.Callback):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 
-from haipai_lightning.flops import training_flops
+from haipai_lightning.analysis.flops import training_flops
 
 
 class FlopBudget(L.Callback):

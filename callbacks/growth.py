@@ -12,7 +12,7 @@
 *When* is one overridable hook, `due(trainer, pl_module) -> entry | None`, asked before the first
 training batch of every epoch (also right after a resume), and before every batch when the schedule
 has `at_step` entries or `every_step` is set; at most one op is applied per boundary, so give
-entries distinct epochs / steps. *What* is `haipai_lightning.growth`'s pure ops. Applying an entry:
+entries distinct epochs / steps. *What* is `haipai_lightning.grow.ops`'s pure ops. Applying an entry:
 
 1. grows a copy (the running model is untouched), measures max |delta logits| on a probe batch
    (the last training batch seen, else fixed random tokens) and checks it against the entry's
@@ -39,8 +39,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from haipai_lightning.config import ConfigError
-from haipai_lightning.growth import DEFAULT_TOLERANCE, GrowthReport, default_probe, grow
-from haipai_lightning.growth_arch import check_op
+from haipai_lightning.grow.ops import DEFAULT_TOLERANCE, GrowthReport, default_probe, grow
+from haipai_lightning.grow.arch import check_op
 
 _ENTRY_KEYS = {"at_epoch", "at_step", "op", "args", "tolerance", "lr_scale"}
 

@@ -22,15 +22,15 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
 from haipai_lightning.config import ConfigError
-from haipai_lightning.quant_report import MethodReport, evaluate_methods, format_table, log_tensorboard
-from haipai_lightning.quantization import get_method
+from haipai_lightning.eval.quant_report import MethodReport, evaluate_methods, format_table, log_tensorboard
+from haipai_lightning.quant.methods import get_method
 
 
 class PostTrainingQuantization(L.Callback):
     def __init__(self, methods: list[str] | None = None, val_batches: int = 8, decode_tokens: int = 32,
                  export_dir: str | None = None) -> None:
         """Args:
-            methods: names from haipai_lightning.quantization.METHODS (default int8, int8_dynamic, int4,
+            methods: names from haipai_lightning.quant.methods.METHODS (default int8, int8_dynamic, int4,
                 int4_rotated, kv4, w4a4kv4).
             val_batches: validation batches the perplexities are measured on.
             decode_tokens: tokens generated (batch 1, greedy) to time decoding.
@@ -73,8 +73,8 @@ class PostTrainingQuantization(L.Callback):
         if writer is not None and hasattr(writer, "add_scalar"):
             log_tensorboard(writer, self.rows, trainer.global_step)
         if self.export_dir:
-            from haipai_lightning.export import save_pretrained
-            from haipai_lightning.quantization import quantize_model
+            from haipai_lightning.io.export import save_pretrained
+            from haipai_lightning.quant.methods import quantize_model
 
             for m in self.methods:
                 # arch=None: the specs of the model's own factories -- after growth, the grown ones

@@ -11,12 +11,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics import MeanMetric
 
-from haipai_lightning.depth_picture import DEFAULT_TEXT, write_depth_pictures
-from haipai_lightning.routers import RouterRecord
-from haipai_lightning.telemetry import (DeadTokenTracker, adds_depth, choice_counts, choice_label,
-                                        choice_token_counts, depth_histogram, depth_token_counts, entropy,
-                                        extra_depth, group_records, layer_grad_norms, max_vio, router_stats,
-                                        selected_fraction, to_floats, token_depth)
+from haipai_lightning.analysis.depth_picture import DEFAULT_TEXT, write_depth_pictures
+from haipai_lightning.model.routing.record import RouterRecord
+from haipai_lightning.analysis.telemetry import DeadTokenTracker, adds_depth, choice_counts, choice_label, choice_token_counts, depth_histogram, depth_token_counts, entropy, extra_depth, group_records, layer_grad_norms, max_vio, router_stats, selected_fraction, to_floats, token_depth
 
 
 class RouterTelemetry(L.Callback):
@@ -212,7 +209,7 @@ def specialization_table(counts: torch.Tensor, tokenizer: Any, top: int, rec: Ro
     """
     counts = counts.cpu()
     totals = counts.sum(0).clamp(min=1)  # (V,) occurrences of each token over all rows
-    experts = rec is not None and not rec.kind.startswith("depth")
+    experts = rec is not None and not rec.is_depth
     head, n = ("expert", "assignments") if experts else ("depth", "tokens")
     lines = [f"| {head} | {n} | top tokens: count (share of the token's occurrences) |", "|---|---|---|"]
     for i, row in enumerate(counts):

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from datamodules.packed import PackedDataset, replace_atomically
 from haipai_lightning.config import ConfigError
 
 SCORES = ("length", "rare_words", "reference_loss")
@@ -54,7 +55,7 @@ def rare_word_rate(tokens: np.ndarray, bounds: np.ndarray, vocab_size: int, head
 def reference_loss(tokens: np.ndarray, bounds: np.ndarray, ckpt_path: str, window: int | None = None,
                    batch_size: int = 16) -> np.ndarray:
     """Per document: mean next-token NLL (nats) under the reference checkpoint's model."""
-    from haipai_lightning.generation import load_model
+    from haipai_lightning.io.loader import load_model
 
     model, _ = load_model(ckpt_path)
     model.eval()
@@ -167,8 +168,6 @@ def build_stages(dm, out, meta: dict) -> None:
     import hashlib
     import json
 
-    from datamodules.text import PackedDataset, _replace_atomically
-
     ref_sha = None
     if dm.curriculum == "reference_loss":
         with open(dm.curriculum_reference, "rb") as f:
@@ -184,9 +183,9 @@ def build_stages(dm, out, meta: dict) -> None:
         docs = stage_documents(scores, lengths, dm.curriculum_stages, dm.curriculum_cumulative)
         for s, ids in enumerate(docs):
             arr = stage_tokens(tokens, bounds, ids)
-            _replace_atomically(d / f"stage{s}.npy", lambda f, a=arr: np.save(f, a))
+            replace_atomically(d / f"stage{s}.npy", lambda f, a=arr: np.save(f, a))
         info = {"scores": scores.tolist(), "stages": [ids.tolist() for ids in docs]}
-        _replace_atomically(d / "stages.json", lambda f: f.write(json.dumps(info).encode()))  # last: complete
+        replace_atomically(d / "stages.json", lambda f: f.write(json.dumps(info).encode()))  # last: complete
     info = json.loads((d / "stages.json").read_text())
     dm.doc_scores = np.asarray(info["scores"])  # (n_docs,) difficulty of each train document
     dm.stage_docs = [np.asarray(ids) for ids in info["stages"]]  # document ids of each stage

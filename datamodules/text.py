@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from datamodules.corpus import fingerprint, load_documents
+from datamodules.packed import PackedDataset, replace_atomically
 from datamodules.curriculum import build_stages, check_curriculum_args, curriculum_data
 from datamodules.tokenizer import eos_id, id_space, load_tokenizer, train_tokenizer
 from haipai_lightning.config import ConfigError
@@ -51,14 +52,6 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def _replace_atomically(path: Path, write) -> None:
-    """Write via a temporary name then rename: readers never see a half-written file."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
 def _tokenize(tok, docs: list[str], eos: int, dtype, arrow_file: Path) -> np.ndarray:
     """Tokenize with `datasets` (its arrow cache makes an interrupted run resume) and flatten."""
     import datasets
@@ -80,35 +73,6 @@ def _tokenize(tok, docs: list[str], eos: int, dtype, arrow_file: Path) -> np.nda
     ids = ds.with_format("arrow")["ids"]
     chunks = getattr(ids, "chunks", [ids])
     return np.concatenate([c.flatten().to_numpy() for c in chunks]).astype(dtype)
-
-
-class PackedDataset(Dataset):
-    """Fixed blocks of a flat token array: block i is tokens[i*T : i*T + T + 1].
-
-    Consecutive blocks overlap by one token so every token is a label exactly once.
-    """
-
-    def __init__(self, path: str | Path, seq_len: int):
-        self.path = str(path)
-        self.seq_len = seq_len
-        self.tokens = np.load(self.path, mmap_mode="r")
-
-    def __len__(self) -> int:
-        return max(0, (len(self.tokens) - 1) // self.seq_len)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        start = i * self.seq_len
-        block = torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
-        return {"input_ids": block[:-1], "labels": block[1:]}
-
-    # Workers started with "spawn" get the dataset pickled: reopen the file there
-    # instead of copying the whole token array into the pickle.
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "tokens": None}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self.tokens = np.load(self.path, mmap_mode="r")
 
 
 class EpochSeededSampler(RandomSampler):
@@ -263,7 +227,7 @@ class TextDataModule(L.LightningDataModule):
             tok = train_tokenizer((docs[i] for i in idx["train"]), self.vocab_size)
         tok.no_truncation()  # a user tokenizer.json may truncate/pad; we want every token
         tok.no_padding()
-        _replace_atomically(tok_file, lambda f: f.write(tok.to_str().encode()))
+        replace_atomically(tok_file, lambda f: f.write(tok.to_str().encode()))
 
         vocab = id_space(tok)
         dtype = np.uint16 if vocab <= 2**16 else np.int32  # half the disk and page cache
@@ -271,12 +235,12 @@ class TextDataModule(L.LightningDataModule):
                       "eos_token_id": eos_id(tok), "dtype": np.dtype(dtype).name}
         for split in SPLITS:
             tokens = _tokenize(tok, [docs[i] for i in idx[split]], eos_id(tok), dtype, out / f"{split}.arrow")
-            _replace_atomically(out / f"{split}.npy", lambda f: np.save(f, tokens))
+            replace_atomically(out / f"{split}.npy", lambda f: np.save(f, tokens))
             meta[f"n_documents_{split}"] = len(idx[split])
             meta[f"n_tokens_{split}"] = len(tokens)
             if split == "train":
                 meta["unigram_entropy"] = unigram_entropy(tokens, vocab)
-        _replace_atomically(out / "meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
+        replace_atomically(out / "meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
 
     def setup(self, stage: str | None = None) -> None:
         """Memory-map the cached arrays and load the tokenizer."""

@@ -14,8 +14,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from datamodules import TextDataModule  # noqa: E402
 from haipai_lightning.config import ModelConfig  # noqa: E402
-from haipai_lightning.module import MoRLightningModule  # noqa: E402
-from haipai_lightning.routers import ExpertChoiceRouter  # noqa: E402
+from haipai_lightning.train.module import MoRLightningModule  # noqa: E402
+from haipai_lightning.model.routing.expert_choice import ExpertChoiceRouter  # noqa: E402
 
 DATA = dict(source="kjv", seq_len=32, batch_size=8, vocab_size=512, max_documents=60, val_fraction=0.05, seed=3)
 

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from haipai_lightning.config import ModelConfig
-from haipai_lightning.mlps import TokenChoiceMoE
-from haipai_lightning.model import HaipaiModel
-from haipai_lightning.routers import ExpertChoiceRouter, TokenChoiceRouter
+from haipai_lightning.model.mlps import TokenChoiceMoE
+from haipai_lightning.model.decoder import HaipaiModel
+from haipai_lightning.model.routing.expert_choice import ExpertChoiceRouter
+from haipai_lightning.model.routing.token_choice import TokenChoiceRouter
 
 V = 64
 
@@ -68,7 +69,7 @@ def test_checkpointing_is_off_outside_training_graphs():
 
 
 def test_module_flag_sets_the_model():
-    from haipai_lightning.module import MoRLightningModule
+    from haipai_lightning.train.module import MoRLightningModule
 
     assert MoRLightningModule(config=cfg(), activation_checkpointing=True).model.activation_checkpointing
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from haipai_lightning.cli import main
+from haipai_lightning.cli.main import main
 
 ROOT = Path(__file__).parents[1]
 QUICK = str(ROOT / "configs" / "quickstart.yaml")
@@ -76,7 +76,7 @@ def test_tensorboard_scalars_logged(tmp_path, cache):
 
 
 def test_predict_returns_nll(tmp_path, cache):
-    from haipai_lightning.cli import run_cli
+    from haipai_lightning.cli.main import run_cli
 
     cli = run_cli(["--config", QUICK, *SMALL, "--data.cache_dir", cache, "--trainer.logger", "false"], run=False)
     cli.datamodule.prepare_data()

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from haipai_lightning.cli import run_cli
-from haipai_lightning.module import MoRLightningModule
+from haipai_lightning.cli.main import run_cli
+from haipai_lightning.train.module import MoRLightningModule
 
 CONFIGS = sorted(str(p) for p in (Path(__file__).parents[1] / "configs").glob("*.yaml"))
 

@@ -11,10 +11,10 @@ from callbacks import CurriculumSwitch, DepthCurriculum
 from datamodules import TextDataModule
 from datamodules.curriculum import (CurriculumSampler, document_bounds, rare_word_rate, reference_loss,
                                     stage_documents)
-from haipai_lightning.checkpoint import SafeCheckpointIO
+from haipai_lightning.io.checkpoint import SafeCheckpointIO
 from haipai_lightning.config import ConfigError, ModelConfig
-from haipai_lightning.module import MoRLightningModule
-from haipai_lightning.routers import ExpertChoiceRouter
+from haipai_lightning.train.module import MoRLightningModule
+from haipai_lightning.model.routing.expert_choice import ExpertChoiceRouter
 
 DATA = dict(source="kjv", seq_len=32, batch_size=4, vocab_size=512, max_documents=60, val_fraction=0.05, seed=3)
 

@@ -6,10 +6,14 @@ import pytest
 import torch
 
 from haipai_lightning.config import ModelConfig
-from haipai_lightning.engine import Engine, Request
-from haipai_lightning.generation import SamplingConfig, generate, speculative_generate
-from haipai_lightning.model import HaipaiModel
-from haipai_lightning.routers import ExpertChoiceRouter, FullRecursion, TokenChoiceRouter
+from haipai_lightning.decode.engine import Engine, Request
+from haipai_lightning.decode.sampling import SamplingConfig
+from haipai_lightning.decode.generate import generate
+from haipai_lightning.decode.speculative import speculative_generate
+from haipai_lightning.model.decoder import HaipaiModel
+from haipai_lightning.model.routing.expert_choice import ExpertChoiceRouter
+from haipai_lightning.model.routing.base import FullRecursion
+from haipai_lightning.model.routing.token_choice import TokenChoiceRouter
 
 V, T = 61, 20
 ROUTERS = {"full": FullRecursion, "ec": ExpertChoiceRouter,

@@ -37,7 +37,7 @@ def test_fsdp_config_parses(capsys):
     """The whole file validates against the CLI (FSDPStrategy's arguments included), without a GPU."""
     import pytest
 
-    from haipai_lightning.cli import run_cli
+    from haipai_lightning.cli.main import run_cli
 
     with pytest.raises(SystemExit) as e:
         run_cli(["fit", "--config", FSDP, "--print_config"])
@@ -47,7 +47,7 @@ def test_fsdp_config_parses(capsys):
 
 
 def test_fsdp_config_instantiates_its_model(tmp_path):
-    from haipai_lightning.cli import run_cli
+    from haipai_lightning.cli.main import run_cli
 
     # Lightning refuses FSDP on a CPU accelerator, so the trainer gets the default strategy here
     cli = run_cli(["--config", FSDP, "--trainer.strategy", "auto", "--trainer.precision", "32-true",

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from datamodules.corpus import load_documents
 from datamodules.tokenizer import eos_id, train_tokenizer
 from haipai_lightning.config import ModelConfig
-from haipai_lightning.evaluation import perplexity, token_nll
-from haipai_lightning.model import HaipaiModel
-from haipai_lightning.routers import ExpertChoiceRouter
+from haipai_lightning.eval.perplexity import perplexity, token_nll
+from haipai_lightning.model.decoder import HaipaiModel
+from haipai_lightning.model.routing.expert_choice import ExpertChoiceRouter
 
 # lm-evaluation-harness is the `eval` extra (in `dev` too); the perplexity tests do not need it
 needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="pip install -e .[eval]")
@@ -77,7 +77,7 @@ def _instance(args, kind="loglikelihood"):
 
 @needs_lm_eval
 def test_adapter_loglikelihood_matches_the_models_own_scoring(tok):
-    from haipai_lightning.lm_eval_adapter import HaipaiLM
+    from haipai_lightning.eval.lm_eval_adapter import HaipaiLM
 
     model = tiny_model(tok.get_vocab_size())
     lm = HaipaiLM(model=model, tokenizer=tok, batch_size=3)
@@ -116,8 +116,9 @@ def test_adapter_loglikelihood_matches_the_models_own_scoring(tok):
 
 @needs_lm_eval
 def test_generate_until_stops_at_the_stop_string(tok):
-    from haipai_lightning.generation import SamplingConfig, generate
-    from haipai_lightning.lm_eval_adapter import HaipaiLM
+    from haipai_lightning.decode.sampling import SamplingConfig
+    from haipai_lightning.decode.generate import generate
+    from haipai_lightning.eval.lm_eval_adapter import HaipaiLM
 
     model = tiny_model(tok.get_vocab_size())
     lm = HaipaiLM(model=model, tokenizer=tok)
@@ -137,7 +138,7 @@ def test_generate_until_stops_at_the_stop_string(tok):
 
 @needs_lm_eval
 def test_local_multiple_choice_task_runs_through_lm_eval(tok):
-    from haipai_lightning.lm_eval_adapter import TASKS_DIR, HaipaiLM, run_lm_eval
+    from haipai_lightning.eval.lm_eval_adapter import TASKS_DIR, HaipaiLM, run_lm_eval
 
     model = tiny_model(tok.get_vocab_size())
     lm = HaipaiLM(model=model, tokenizer=tok, batch_size=8)
@@ -155,8 +156,8 @@ def test_local_multiple_choice_task_runs_through_lm_eval(tok):
 
 @needs_lm_eval
 def test_haipai_eval_command_end_to_end(tok, tmp_path, capsys):
-    from haipai_lightning.cli import main
-    from haipai_lightning.module import MoRLightningModule
+    from haipai_lightning.cli.main import main
+    from haipai_lightning.train.module import MoRLightningModule
 
     model = tiny_model(tok.get_vocab_size())
     module = MoRLightningModule(config=model.cfg, router=ExpertChoiceRouter)
@@ -189,8 +190,8 @@ def test_haipai_eval_command_end_to_end(tok, tmp_path, capsys):
 
 
 def test_efficiency_flops_match_the_flop_counter(tok):
-    from haipai_lightning.efficiency import efficiency_report
-    from haipai_lightning.flops import training_flops
+    from haipai_lightning.analysis.efficiency import efficiency_report
+    from haipai_lightning.analysis.flops import training_flops
 
     cfg = ModelConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_layers=4, n_heads=4, ffn_hidden=64,
                       max_seq_len=32, n_recursions=1)

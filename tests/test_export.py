@@ -6,13 +6,14 @@ import os
 import pytest
 import torch
 
-from haipai_lightning.checkpoint import component_spec
+from haipai_lightning.io.spec import component_spec
 from haipai_lightning.config import ConfigError, ModelConfig
-from haipai_lightning.export import WEIGHTS, load_pretrained, save_pretrained
-from haipai_lightning.generation import SamplingConfig, generate
-from haipai_lightning.model import HaipaiModel
-from haipai_lightning.quantization import quantize_model
-from haipai_lightning.routers import ExpertChoiceRouter
+from haipai_lightning.io.export import WEIGHTS, load_pretrained, save_pretrained
+from haipai_lightning.decode.sampling import SamplingConfig
+from haipai_lightning.decode.generate import generate
+from haipai_lightning.model.decoder import HaipaiModel
+from haipai_lightning.quant.methods import quantize_model
+from haipai_lightning.model.routing.expert_choice import ExpertChoiceRouter
 
 V = 300
 ARCH = {"router": component_spec(ExpertChoiceRouter)}

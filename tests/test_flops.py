@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from haipai_lightning.config import ModelConfig
-from haipai_lightning.flops import forward_flops, training_flops
-from haipai_lightning.model import HaipaiModel
-from haipai_lightning.routers import ExpertChoiceRouter, TokenChoiceRouter
+from haipai_lightning.analysis.flops import forward_flops, training_flops
+from haipai_lightning.model.decoder import HaipaiModel
+from haipai_lightning.model.routing.expert_choice import ExpertChoiceRouter
+from haipai_lightning.model.routing.token_choice import TokenChoiceRouter
 
 B, T, V, D = 2, 12, 50, 32
 
@@ -144,7 +145,7 @@ def test_flop_budget_stops_within_one_step(tmp_path, steps_worth):
     import lightning as L
 
     from callbacks import FlopBudget
-    from haipai_lightning.module import MoRLightningModule
+    from haipai_lightning.train.module import MoRLightningModule
 
     module = MoRLightningModule(config=cfg())  # full recursion: every step costs the same
     per_step = training_flops(module.model, module.model(torch.zeros(B, T, dtype=torch.long)).records, B, T)
@@ -160,7 +161,7 @@ def test_flop_budget_stops_within_one_step(tmp_path, steps_worth):
 
 
 def test_flops_per_token_uses_the_configured_capacities():
-    from haipai_lightning.flops import flops_per_token
+    from haipai_lightning.analysis.flops import flops_per_token
 
     m = HaipaiModel(cfg(), router=ExpertChoiceRouter)
     # recursion-wise attention pairs depend only on how many tokens a step keeps: nominal == measured

@@ -11,16 +11,18 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from callbacks import GrowthSchedule
 from callbacks.growth import GrowthError
 from datamodules import TextDataModule
-from haipai_lightning.checkpoint import SafeCheckpointIO, load_checkpoint_file
+from haipai_lightning.io.checkpoint import SafeCheckpointIO, load_checkpoint_file
 from haipai_lightning.config import ConfigError, ModelConfig
-from haipai_lightning.generation import load_model
-from haipai_lightning.growth import HYPERCLONE_NOISE_BOUND, gstack, hyperclone, upcycle_to_moe
-from haipai_lightning.growth_arch import arch_of, replay_arch
-from haipai_lightning.mlps import TokenChoiceMoE
-from haipai_lightning.model import HaipaiModel
-from haipai_lightning.module import MoRLightningModule
-from haipai_lightning.optim import TrapezoidLR
-from haipai_lightning.routers import ExpertChoiceRouter, TokenChoiceRouter
+from haipai_lightning.io.loader import load_model
+from haipai_lightning.grow.ops import HYPERCLONE_NOISE_BOUND, gstack, hyperclone, upcycle_to_moe
+from haipai_lightning.io.arch import arch_of
+from haipai_lightning.grow.arch import replay_arch
+from haipai_lightning.model.mlps import TokenChoiceMoE
+from haipai_lightning.model.decoder import HaipaiModel
+from haipai_lightning.train.module import MoRLightningModule
+from haipai_lightning.train.schedules import TrapezoidLR
+from haipai_lightning.model.routing.expert_choice import ExpertChoiceRouter
+from haipai_lightning.model.routing.token_choice import TokenChoiceRouter
 
 V = 128
 
@@ -166,7 +168,7 @@ def test_replayed_architecture_equals_the_grown_model():
            {"op": "hyperclone", "args": {"width_factor": 2, "noise_snr_db": 20.0}},
            {"op": "gstack", "args": {"extra_layers": 1}}]
     g = m
-    from haipai_lightning.growth import grow
+    from haipai_lightning.grow.ops import grow
     for e in log:
         g, _ = grow(g, e["op"], e["args"])
     assert replay_arch(arch_of(m), log) == arch_of(g)
@@ -296,7 +298,7 @@ def test_lr_schedule_continues_across_growth(cache, tmp_path):
 def test_growth_under_galore_carries_low_rank_state(cache, tmp_path):
     """GaLore's low-rank moments are not shaped like their parameter: an unchanged or copied parameter
     keeps them, and growth trains on."""
-    from haipai_lightning.optimizers import GaLoreAdamW
+    from haipai_lightning.train.optimizers import GaLoreAdamW
 
     L.seed_everything(0)
     sched = [{"at_epoch": 1, "op": "gstack", "args": {"extra_layers": 1}}]
@@ -322,7 +324,7 @@ def test_bad_upcycle_argument_fails_before_training():
 
 
 def test_export_of_a_grown_model_loads(tmp_path):
-    from haipai_lightning.export import load_pretrained, save_pretrained
+    from haipai_lightning.io.export import load_pretrained, save_pretrained
 
     g, _ = upcycle_to_moe(tiny(router=ExpertChoiceRouter), n_experts=4, top_k=2)
     save_pretrained(g, tmp_path / "exp")  # component specs from the grown model's own factories
@@ -372,7 +374,7 @@ def _grown_arch(name):
     import yaml
     from pathlib import Path
 
-    from haipai_lightning.growth_arch import build_model
+    from haipai_lightning.io.arch import build_model
 
     y = yaml.safe_load((Path(__file__).parents[1] / "configs" / name).read_text())
     m = y["model"]

@@ -12,14 +12,17 @@ from helpers import train_fixed_batch
 
 from haipai_lightning import flops
 from haipai_lightning.config import ConfigError, ModelConfig
-from haipai_lightning.layers import apply_rope
-from haipai_lightning.mixers import Attention, Mamba
-from haipai_lightning.mixers import attention as attention_module
-from haipai_lightning.mlps import MixtureOfTokens, TokenChoiceMoE
-from haipai_lightning.engine import Engine
-from haipai_lightning.generation import SamplingConfig, generate, speculative_generate
-from haipai_lightning.model import HaipaiModel
-from haipai_lightning.routers import ExpertChoiceRouter, TokenChoiceRouter
+from haipai_lightning.model.rope import apply_rope
+from haipai_lightning.model.mixers import Attention, Mamba
+from haipai_lightning.model.mixers import attention as attention_module
+from haipai_lightning.model.mlps import MixtureOfTokens, TokenChoiceMoE
+from haipai_lightning.decode.engine import Engine
+from haipai_lightning.decode.sampling import SamplingConfig
+from haipai_lightning.decode.generate import generate
+from haipai_lightning.decode.speculative import speculative_generate
+from haipai_lightning.model.decoder import HaipaiModel
+from haipai_lightning.model.routing.expert_choice import ExpertChoiceRouter
+from haipai_lightning.model.routing.token_choice import TokenChoiceRouter
 
 V, T = 61, 20
 

@@ -12,11 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from haipai_lightning.cache import KVView, LayerKV
+from haipai_lightning.model.cache import KVView, LayerKV
 from haipai_lightning.config import ConfigError, ModelConfig
-from haipai_lightning.mixers.mamba import (Mamba, selective_scan_chunked, selective_scan_recurrent,
-                                           selective_scan_reference)
-from haipai_lightning.model import HaipaiModel
+from haipai_lightning.model.mixers.mamba import Mamba, selective_scan_chunked, selective_scan_recurrent, selective_scan_reference
+from haipai_lightning.model.decoder import HaipaiModel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -160,8 +159,8 @@ def test_missing_mamba_ssm_is_a_clear_error():
 
 TRITON_CHECK = textwrap.dedent("""
     import torch
-    from haipai_lightning.mixers import triton_scan
-    from haipai_lightning.mixers.mamba import selective_scan_reference
+    from haipai_lightning.model.mixers import triton_scan
+    from haipai_lightning.model.mixers.mamba import selective_scan_reference
     torch.manual_seed(0)
     for Bz, T, Di, N, chunk in [(2, 11, 5, 3, 4), (1, 9, 40, 16, 8)]:  # ragged chunks, 2 channel blocks
         u, B, C = torch.randn(Bz, T, Di), torch.randn(Bz, T, N), torch.randn(Bz, T, N)

@@ -5,9 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from haipai_lightning.config import ConfigError, ModelConfig
-from haipai_lightning.generation import SamplingConfig, generate, sample_next
-from haipai_lightning.model import HaipaiModel
-from haipai_lightning.recursion import make_schedule
+from haipai_lightning.decode.sampling import SamplingConfig, sample_next
+from haipai_lightning.decode.generate import generate
+from haipai_lightning.model.decoder import HaipaiModel
+from haipai_lightning.model.schedule import make_schedule
 
 
 def small(**kw):

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from helpers import train_fixed_batch
 
 from haipai_lightning.config import ConfigError, ModelConfig
-from haipai_lightning.mlps import AdaptiveTopPMoE, ExpertChoiceMoE, SwiGLU, TokenChoiceMoE
-from haipai_lightning.mlps.experts import balance_loss, max_violation, z_loss
-from haipai_lightning.model import HaipaiModel
-from haipai_lightning.routers import ExpertChoiceRouter
+from haipai_lightning.model.mlps import AdaptiveTopPMoE, ExpertChoiceMoE, SwiGLU, TokenChoiceMoE
+from haipai_lightning.model.routing.losses import balance_loss, max_violation, z_loss
+from haipai_lightning.model.decoder import HaipaiModel
+from haipai_lightning.model.routing.expert_choice import ExpertChoiceRouter
 
 V, T = 61, 24
 

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from helpers import train_fixed_batch
 
 from haipai_lightning.config import ModelConfig
-from haipai_lightning.mlps import MixtureOfTokens
-from haipai_lightning.model import HaipaiModel
+from haipai_lightning.model.mlps import MixtureOfTokens
+from haipai_lightning.model.decoder import HaipaiModel
 
 V, T = 61, 16
 

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from haipai_lightning.config import ConfigError, ModelConfig
-from haipai_lightning.model import HaipaiModel
-from haipai_lightning.module import MoRLightningModule
-from haipai_lightning.optim import optimizer_state_bytes, param_groups
-from haipai_lightning.optimizers import AdamW8bit, GaLoreAdamW, QGaLoreAdamW, check_bitsandbytes, dequantize, quantize
+from haipai_lightning.model.decoder import HaipaiModel
+from haipai_lightning.train.module import MoRLightningModule
+from haipai_lightning.train.schedules import optimizer_state_bytes, param_groups
+from haipai_lightning.train.optimizers import AdamW8bit, GaLoreAdamW, QGaLoreAdamW, check_bitsandbytes, dequantize, quantize
 
 V, D, R = 128, 64, 8
 
@@ -65,7 +65,7 @@ def test_param_groups_matrix_group_and_no_weight_decay():
     assert id(m.embed.weight) in ids["no_decay"] and groups["no_decay"]["weight_decay"] == 0.0
     assert groups["matrix"]["weight_decay"] == 0.1
     assert all(p.ndim == 2 for p in groups["matrix"]["params"])
-    from haipai_lightning.mlps import TokenChoiceMoE
+    from haipai_lightning.model.mlps import TokenChoiceMoE
 
     moe = HaipaiModel(cfg(), mlp=functools.partial(TokenChoiceMoE, n_experts=4))
     ids = {g["name"]: {id(p) for p in g["params"]} for g in param_groups(moe)}
@@ -210,11 +210,11 @@ def test_module_trains_with_qgalore_and_logs_state_bytes(tmp_path):
 
 
 def test_cli_selects_galore_by_class_path(tmp_path):
-    from haipai_lightning.cli import run_cli
+    from haipai_lightning.cli.main import run_cli
 
     cli = run_cli(["--config", "configs/quickstart.yaml", "--trainer.logger", "false",
                    "--trainer.default_root_dir", str(tmp_path),
-                   "--model.optimizer", "haipai_lightning.optimizers.GaLoreAdamW",
+                   "--model.optimizer", "haipai_lightning.GaLoreAdamW",
                    "--model.optimizer.init_args.rank", "16", "--model.optimizer.init_args.lr", "0.002"], run=False)
     opt = cli.model.optimizer_factory(param_groups(cli.model.model))
     assert type(opt).__name__ == "GaLoreAdamW" and type(opt).__module__ != __name__

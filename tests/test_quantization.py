@@ -9,16 +9,17 @@ import torch
 import torch.nn.functional as F
 
 from haipai_lightning.config import ConfigError, ModelConfig
-from haipai_lightning.hadamard import hadamard, random_orthogonal
-from haipai_lightning.kv_quant import QuantKVCacheFactory
-from haipai_lightning.mlps.moe import TokenChoiceMoE
-from haipai_lightning.model import HaipaiModel
-from haipai_lightning.qlayers import QLinear
-from haipai_lightning.qtensor import fake_quant_tokens
-from haipai_lightning.quant_report import evaluate_methods, perplexity, size_on_disk
-from haipai_lightning.quantization import QuantSpec, quantize_model
-from haipai_lightning.rotation import rotate_model
-from haipai_lightning.routers import ExpertChoiceRouter, TokenChoiceRouter
+from haipai_lightning.quant.hadamard import hadamard, random_orthogonal
+from haipai_lightning.quant.kv_cache import QuantKVCacheFactory
+from haipai_lightning.model.mlps.moe import TokenChoiceMoE
+from haipai_lightning.model.decoder import HaipaiModel
+from haipai_lightning.quant.layers import QLinear
+from haipai_lightning.quant.qtensor import fake_quant_tokens
+from haipai_lightning.eval.quant_report import evaluate_methods, perplexity, size_on_disk
+from haipai_lightning.quant.methods import QuantSpec, quantize_model
+from haipai_lightning.quant.rotation import rotate_model
+from haipai_lightning.model.routing.expert_choice import ExpertChoiceRouter
+from haipai_lightning.model.routing.token_choice import TokenChoiceRouter
 
 V = 97
 
@@ -251,8 +252,8 @@ def test_callback_and_commands_end_to_end(tmp_path):
 
     from callbacks import PostTrainingQuantization
     from datamodules import TextDataModule
-    from haipai_lightning.cli import main
-    from haipai_lightning.module import MoRLightningModule
+    from haipai_lightning.cli.main import main
+    from haipai_lightning.train.module import MoRLightningModule
 
     data = dict(source="kjv", seq_len=64, batch_size=8, vocab_size=1024, max_documents=120,
                 cache_dir=os.environ.get("HAIPAI_TEST_CACHE", ".haipai_cache"))

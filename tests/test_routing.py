@@ -10,11 +10,13 @@ import torch.nn.functional as F
 from helpers import train_fixed_batch
 
 from haipai_lightning.config import ConfigError, ModelConfig
-from haipai_lightning.generation import SamplingConfig, generate
-from haipai_lightning.layers import apply_rope
-from haipai_lightning.model import HaipaiModel
-from haipai_lightning.recursion import select_mask, select_topk
-from haipai_lightning.routers import ExpertChoiceRouter, TokenChoiceRouter
+from haipai_lightning.decode.sampling import SamplingConfig
+from haipai_lightning.decode.generate import generate
+from haipai_lightning.model.rope import apply_rope
+from haipai_lightning.model.decoder import HaipaiModel
+from haipai_lightning.model.routing.selection import select_mask, select_topk
+from haipai_lightning.model.routing.expert_choice import ExpertChoiceRouter
+from haipai_lightning.model.routing.token_choice import TokenChoiceRouter
 
 V, T = 61, 24
 

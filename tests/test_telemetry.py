@@ -12,14 +12,12 @@ import yaml
 from PIL import Image
 
 from callbacks.router_telemetry import specialization_table
-from haipai_lightning.cli import main
+from haipai_lightning.cli.main import main
 from haipai_lightning.config import ModelConfig
-from haipai_lightning.depth_picture import palette, render_png
-from haipai_lightning.model import HaipaiModel
-from haipai_lightning.routers import RouterRecord
-from haipai_lightning.telemetry import (DeadTokenTracker, choice_load, choice_token_counts, depth_histogram,
-                                        depth_token_counts, entropy, extra_depth, layer_grad_norms, logit_stats,
-                                        max_vio, router_stats, token_depth)
+from haipai_lightning.analysis.depth_picture import palette, render_png
+from haipai_lightning.model.decoder import HaipaiModel
+from haipai_lightning.model.routing.record import RouterRecord
+from haipai_lightning.analysis.telemetry import DeadTokenTracker, choice_load, choice_token_counts, depth_histogram, depth_token_counts, entropy, extra_depth, layer_grad_norms, logit_stats, max_vio, router_stats, token_depth
 
 ROOT = Path(__file__).parents[1]
 SMALL = ["--data.max_documents", "60", "--data.vocab_size", "512", "--data.seq_len", "32", "--data.batch_size", "4"]
@@ -28,8 +26,8 @@ SMALL = ["--data.max_documents", "60", "--data.vocab_size", "512", "--data.seq_l
 def ec(r: int, sel: list[int]) -> RouterRecord:
     """An expert-choice step record over one sequence."""
     s = torch.tensor([sel], dtype=torch.bool)
-    return RouterRecord(f"depth/step{r}", "depth_expert_choice", torch.where(s, 0.7, 0.2), s,
-                        {"bce": torch.tensor(0.5)}, {"bce": 0.001}, {"capacity": s.float().mean()})
+    return RouterRecord("depth", "expert_choice", torch.where(s, 0.7, 0.2), s,
+                        {"bce": torch.tensor(0.5)}, {"bce": 0.001}, {"capacity": s.float().mean()}, step=r)
 
 
 # ------------------------------------------------------------------ maths
@@ -52,7 +50,7 @@ def test_expert_choice_depth_histogram_entropy_and_fractions():
 
 def test_token_choice_load_and_max_vio():
     depth = torch.tensor([[1, 1, 1, 1, 2, 2, 3, 3]])
-    rec = RouterRecord("depth/token_choice", "depth_token_choice", torch.full((1, 8, 3), 1 / 3), depth)
+    rec = RouterRecord("depth", "token_choice", torch.full((1, 8, 3), 1 / 3), depth)
     load = choice_load(rec)
     assert load.tolist() == [0.5, 0.25, 0.25]
     assert max_vio(load).item() == pytest.approx((0.5 - 1 / 3) / (1 / 3))  # = 0.5
@@ -70,7 +68,7 @@ def test_moe_records_are_handled_without_knowing_them():
     top2 = torch.tensor([[[0, 1], [0, 2], [0, 1], [0, 3]]])
     as_bool = torch.zeros(1, 4, 4, dtype=torch.bool).scatter(-1, top2, True)  # the same as (B, T, E) bool
     for sel in (top2, as_bool):
-        rec = RouterRecord("moe/layer2", "moe_topk", torch.full((1, 4, 4), 0.25), sel)
+        rec = RouterRecord("moe", "topk", torch.full((1, 4, 4), 0.25), sel, layer=2)
         assert choice_load(rec).tolist() == [0.5, 0.25, 0.125, 0.125]
         s = router_stats([rec])
         assert s["moe/layer2/max_vio"].item() == pytest.approx(1.0)  # (0.5 - 0.25) / 0.25
@@ -120,17 +118,17 @@ def test_dead_token_ratio_over_a_sliding_window():
 def test_logit_stats_recover_router_logits():
     logits = torch.tensor([[-2.0, 0.0, 2.0]])
     scores = torch.cat([torch.sigmoid(logits), torch.zeros(1, 1)], 1)  # the 0 = a token the step did not score
-    s = logit_stats(RouterRecord("depth/step1", "depth_expert_choice", scores, scores > 0.5))
+    s = logit_stats(RouterRecord("depth", "expert_choice", scores, scores > 0.5, step=1))
     assert s["logit_mean"].item() == pytest.approx(0.0, abs=1e-5)
     assert s["logit_std"].item() == pytest.approx(2.0, abs=1e-4)
     assert s["logit_max"].item() == pytest.approx(2.0, abs=1e-4)
     probs = torch.tensor([[[1.0, 2.0, 3.0]]]).softmax(-1)  # softmax: logits up to a shift -> centred (-1, 0, 1)
-    s = logit_stats(RouterRecord("depth/token_choice", "depth_token_choice", probs, torch.tensor([[3]])))
+    s = logit_stats(RouterRecord("depth", "token_choice", probs, torch.tensor([[3]])))
     assert s["logit_mean"].item() == pytest.approx(0.0, abs=1e-5) and s["logit_max"].item() == pytest.approx(1.0)
 
 
 def test_layer_grad_norms_per_layer():
-    from haipai_lightning.routers import ExpertChoiceRouter
+    from haipai_lightning.model.routing.expert_choice import ExpertChoiceRouter
 
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=5, n_heads=2, n_kv_heads=1, ffn_hidden=64, max_seq_len=16,
                       n_recursions=3, sharing="middle_cycle")
@@ -242,10 +240,10 @@ def test_callback_on_hand_built_records_logs_on_its_steps_and_skips_gathered_moe
             self.logged.append((step, metrics))
 
     ids = torch.tensor([[1, 2, 3, 3]])
-    moe_full = RouterRecord("moe/layer0/0", "moe_token_choice", torch.full((1, 4, 3), 1 / 3),
-                            torch.tensor([[[0, 1], [0, 2], [1, 2], [0, 1]]]))
-    moe_step = RouterRecord("moe/layer1/1", "moe_token_choice", torch.full((1, 2, 3), 1 / 3),  # 2 gathered tokens
-                            torch.tensor([[[0, 1], [2, 1]]]))
+    moe_full = RouterRecord("moe", "token_choice", torch.full((1, 4, 3), 1 / 3),
+                            torch.tensor([[[0, 1], [0, 2], [1, 2], [0, 1]]]), layer=0, application=0)
+    moe_step = RouterRecord("moe", "token_choice", torch.full((1, 2, 3), 1 / 3),  # 2 gathered tokens
+                            torch.tensor([[[0, 1], [2, 1]]]), layer=1, application=1)
     recs = [ec(0, [1, 1, 1, 1]), ec(1, [0, 1, 0, 0]), moe_full, moe_step]
     module = SimpleNamespace(last_records=recs, last_val_records=recs, device=torch.device("cpu"),
                              model=SimpleNamespace(cfg=SimpleNamespace(vocab_size=10)))

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from datamodules import TextDataModule
-from haipai_lightning.checkpoint import SafeCheckpointIO, load_checkpoint_file
+from haipai_lightning.io.checkpoint import SafeCheckpointIO, load_checkpoint_file
 from haipai_lightning.config import ConfigError, ModelConfig
-from haipai_lightning.module import MoRLightningModule
-from haipai_lightning.optim import TrapezoidLR
+from haipai_lightning.train.module import MoRLightningModule
+from haipai_lightning.train.schedules import TrapezoidLR
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 DATA = dict(source="kjv", seq_len=32, batch_size=4, vocab_size=512, max_documents=60, val_fraction=0.05, seed=3)

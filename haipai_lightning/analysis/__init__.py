@@ -1,0 +1,1 @@
+"""Analysis: pure functions over routing records (FLOPs, telemetry maths), depth pictures, efficiency."""

@@ -1,0 +1,1 @@
+"""`haipai`: the LightningCLI (main.py) and one module per extra subcommand."""

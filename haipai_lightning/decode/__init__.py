@@ -1,0 +1,1 @@
+"""Decoding: sampling, cached generation, speculative decoding, the depth-wise batching engine."""

@@ -1,0 +1,31 @@
+"""Autoregressive generation with a KV cache: one prefill, then one cached step per new token."""
+
+from __future__ import annotations
+
+import torch
+
+from haipai_lightning.decode.sampling import SamplingConfig, sample_next
+from haipai_lightning.model.decoder import HaipaiModel
+
+
+@torch.no_grad()
+def generate(model: HaipaiModel, input_ids: torch.Tensor, s: SamplingConfig) -> torch.Tensor:
+    """input_ids (B, T) -> (B, T + new): one prefill, then one cached step per new token."""
+    model.eval()
+    total = input_ids.size(1) + s.max_new_tokens
+    if total > model.cfg.max_seq_len:
+        raise ValueError(
+            f"prompt ({input_ids.size(1)} tokens) + max_new_tokens ({s.max_new_tokens}) exceeds "
+            f"model.config.max_seq_len={model.cfg.max_seq_len}; shorten the prompt or lower max_new_tokens"
+        )
+    gen = None
+    if s.seed is not None:
+        gen = torch.Generator(device=input_ids.device).manual_seed(s.seed)
+    cache = model.new_cache(total)
+    logits = model(input_ids, cache=cache).logits[:, -1]
+    out = [input_ids]
+    for _ in range(s.max_new_tokens):
+        nxt = sample_next(logits.float(), s, gen)[:, None]  # (B, 1)
+        out.append(nxt)
+        logits = model(nxt, cache=cache).logits[:, -1]
+    return torch.cat(out, dim=1)

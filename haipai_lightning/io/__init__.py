@@ -1,0 +1,1 @@
+"""Files: allowlisted component specs, the architecture object, checkpoint loading, exports, old paths."""

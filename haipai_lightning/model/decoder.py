@@ -1,0 +1,239 @@
+"""HaipaiModel: embedding -> recursion stack (prelude, Nr shared steps, coda) -> head.
+
+Components are injected as factories `Callable[[ModelConfig], nn.Module]`: the
+mixer (attention, later Mamba), the MLP (SwiGLU, later MoE / MoT) and the depth
+router. The model returns logits, the auxiliary losses and the routing records;
+it never logs and never touches a trainer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from haipai_lightning.model.cache import KVCache, KVView
+from haipai_lightning.model.activation_checkpointing import checkpointed_layer
+from haipai_lightning.config import ConfigError, ModelConfig
+from haipai_lightning.model.rope import RotaryEmbedding
+from haipai_lightning.model.mixers.attention import Attention, KVShare
+from haipai_lightning.model.mixers.mamba import Mamba
+from haipai_lightning.model.mlps.dense import SwiGLU
+from haipai_lightning.model.routing.selection import Selection
+from haipai_lightning.model.schedule import make_schedule
+from haipai_lightning.model.routing.base import FullRecursion
+from haipai_lightning.model.routing.record import RouterRecord
+from haipai_lightning.model.routing.gate import TopKGate, capacity_k
+
+Factory = Callable[[ModelConfig], nn.Module]
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, V)
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # weighted, name -> scalar
+    records: list[RouterRecord] = field(default_factory=list)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x)).
+
+    `index` is the unique layer id and `name` ("layer3") names the records of a routed MLP
+    (MoE / MoT: class attribute `routed = True`, forward(x, records)), which receives the
+    forward pass's `records` list. Every mixer takes (x, cos, sin, kv, share); one without
+    keys/values (Mamba) ignores `share`: under kv_mode=shared it runs on each step's active tokens.
+    """
+
+    def __init__(self, cfg: ModelConfig, mixer: Factory, mlp: Factory, index: int = 0) -> None:
+        super().__init__()
+        self.mixer_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mixer = mixer(cfg)
+        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = mlp(cfg)
+        self.index, self.name = index, f"layer{index}"
+        self.routed_mlp = bool(getattr(self.mlp, "routed", False))
+        if self.routed_mlp:  # the MLP's records carry its layer (per-layer thresholds use the index too)
+            self.mlp.layer_index = index
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVView | None = None,
+        share: KVShare | None = None, records: list[RouterRecord] | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.mixer(self.mixer_norm(x), cos, sin, kv, share, valid)
+        h = self.mlp_norm(x)
+        return x + (self.mlp(h, records) if self.routed_mlp else self.mlp(h))
+
+
+class HaipaiModel(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        mixer: Factory | None = None,
+        mlp: Factory | None = None,
+        router: Factory | None = None,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        # the factories this model was built with: growth (growth_arch.arch_of) rebuilds it larger
+        self.factories = {"mixer": mixer, "mlp": mlp, "router": router}
+        self.schedule = make_schedule(cfg)
+        self.order = self.schedule.order()
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # One module per *unique* layer; the schedule applies shared ones several times,
+        # so their weights really are one storage.
+        # Hybrid stacks: model.config.mixer_pattern assigns each *unique* layer a mixer
+        # (A = the injected mixer or Attention, M = Mamba); shared layers keep theirs at every step.
+        mixers = {"A": mixer or Attention, "M": Mamba}
+        self.layers = nn.ModuleList(
+            Block(cfg, mixers[cfg.mixer_letter(i)], mlp or SwiGLU, index=i) for i in range(self.schedule.n_unique)
+        )
+        self.router = (router or FullRecursion)(cfg)
+        # Mixture-of-Depths gates for every mod_every-th unshared layer application (prelude/coda,
+        # or every layer of a vanilla Nr=1 model), keyed by the application index.
+        unshared = [a for a, (_, r) in enumerate(self.order) if r is None or cfg.n_recursions == 1]
+        mod_apps = unshared[cfg.mod_every - 1 :: cfg.mod_every] if cfg.mod_capacity > 0 else []
+        self.mod_gates = nn.ModuleDict({str(a): TopKGate(cfg.d_model) for a in mod_apps})
+        self.mod_aux_loss_weight = 0.001
+        # recompute the recursion steps' layer activations in the backward (set by the module's
+        # activation_checkpointing argument; not part of the architecture)
+        self.activation_checkpointing = False
+        if cfg.kv_mode == "shared" and not self.schedule.cycle:
+            raise ConfigError(f"model.config.kv_mode=shared needs a cycle strategy (got sharing={cfg.sharing})")
+        if cfg.kv_mode == "shared" and not self.router.every_token_at_first_step():
+            raise ConfigError(
+                f"model.config.kv_mode=shared reuses step 1's keys/values of every token, so the first capacity must "
+                f"be 1: every token runs the first recursion step (model.router {type(self.router).__name__})"
+            )
+        if not self.schedule.cycle and getattr(self.router, "needs_cycle", True):
+            raise ConfigError(
+                f"model.router {type(self.router).__name__} needs a cycle strategy; "
+                f"set model.config.sharing to cycle or middle_cycle (got {cfg.sharing})"
+            )
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.apply(self._init)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def _init(self, m: nn.Module) -> None:
+        std = self.cfg.init_std
+        if isinstance(m, nn.Linear):
+            # GPT-2 / nanoGPT: residual output projections scaled by depth, so the
+            # residual stream's variance does not grow with the (effective) depth.
+            s = std / math.sqrt(2 * self.cfg.n_layers) if getattr(m, "is_residual_out", False) else std
+            nn.init.normal_(m.weight, 0.0, s)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, std)
+
+    # ----------------------------------------------------------------- counts
+    def num_parameters(self) -> dict[str, int]:
+        """unique: stored parameters; effective: parameters a token meets with every recursion."""
+        unique = sum(p.numel() for p in self.parameters())
+        shared = sum(p.numel() for i in self.schedule.shared for p in self.layers[i].parameters())
+        return {"unique": unique, "effective": unique + (self.schedule.n_recursions - 1) * shared}
+
+    def new_cache(self, max_len: int | None = None) -> KVCache:
+        # a KV-quantized model (quantization.py) sets kv_cache_factory: its caches store int8/int4
+        make = getattr(self, "kv_cache_factory", None) or KVCache
+        return make(len(self.order), max_len or self.cfg.max_seq_len)
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "HaipaiModel":
+        """Load a `haipai export` directory (safetensors + config.json; no pickle, nothing executed).
+        The same as `haipai_lightning.load_pretrained(path)[0]` (io/export.py): the front door resolves it,
+        so the model does not import the export code (which imports the model)."""
+        import haipai_lightning
+
+        return haipai_lightning.load_pretrained(path)[0]
+
+    # ---------------------------------------------------------------- forward
+    def forward(
+        self, input_ids: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None,
+        max_depth: int | None = None,
+    ) -> ModelOutput:
+        """input_ids (B, T) -> ModelOutput(logits (B, T, V)).
+
+        With a cache, the T new tokens follow `cache.seen`; each layer application caches the
+        keys/values of the tokens that ran it (routing decides which), so decoding step by step
+        gives the logits of the full forward. `max_depth` caps the recursion steps (a cheaper
+        draft of the same model, for speculative decoding).
+        """
+        B, T = input_ids.shape
+        if positions is None:
+            start = cache.seen if cache is not None else 0
+            positions = torch.arange(start, start + T, device=input_ids.device)  # (T,)
+        records: list[RouterRecord] = []
+        state: dict = {}  # per-forward routing state (previous selection, token depths)
+        share_store: dict = {}  # recursive KV sharing: step-1 keys/values per shared layer slot
+        h = self.embed(input_ids)  # (B, T, D)
+
+        def apply(h: torch.Tensor, sel: Selection, lo: int, hi: int, step: int | None = None) -> torch.Tensor:
+            """Run layer applications lo..hi-1 on h (B, k, D), the tokens `sel` of the sequence."""
+            pos = sel.positions(positions)  # original RoPE positions of the gathered tokens
+            cos, sin = self.rope(pos)
+            share = None
+            for a in range(lo, hi):
+                layer = self.layers[self.order[a][0]]
+                if step is not None and self.cfg.kv_mode == "shared":
+                    share = KVShare(share_store, a - lo, step > 0, pos)
+                kv = KVView(cache[a], pos, valid=sel.valid) if cache is not None else None
+                if str(a) in self.mod_gates:
+                    h = self._mod(a, layer, h, positions, records, cache)
+                elif self.activation_checkpointing and self.order[a][1] is not None and kv is None and torch.is_grad_enabled():
+                    h = checkpointed_layer(layer, h, cos, sin, share, records, sel.valid)  # recursion blocks only
+                else:
+                    h = layer(h, cos, sin, kv, share, records, sel.valid if kv is None else None)
+            return h
+
+        n_pre = len(self.schedule.prelude)
+        full = Selection.full(T)
+        h = apply(h, full, 0, n_pre)
+        if self.schedule.cycle:
+            slices = self.schedule.step_slices()
+            for r, (lo, hi) in enumerate(slices):
+                if max_depth is not None and r >= max_depth:
+                    break
+                h = self.router.step(r, h, lambda x, sel, lo=lo, hi=hi, r=r: apply(x, sel, lo, hi, r), state, records)
+            end = slices[-1][1]
+        else:
+            end = n_pre + len(self.schedule.shared) * self.schedule.n_recursions
+            h = apply(h, full, n_pre, end)
+        h = apply(h, full, end, len(self.order))
+        if cache is not None:
+            cache.seen += T
+        logits = self.head(self.norm(h))
+        aux = {
+            f"{rec.name}/{k}": rec.aux_weights.get(k, 1.0) * v for rec in records for k, v in rec.aux_losses.items()
+        }
+        return ModelOutput(logits=logits, aux_losses=aux, records=records)
+
+    def _mod(self, a: int, layer: Block, h: torch.Tensor, positions: torch.Tensor, records: list,
+             cache: KVCache | None = None) -> torch.Tensor:
+        """Mixture-of-Depths around one unshared layer: the top-capacity tokens run it, the rest skip.
+
+        Output of a routed token: h + sigmoid(logit) * (layer(h) - h) (MoD, Raposo et al. 2024).
+        Inference routes causally by the gate's 0.5 threshold, trained by the BCE aux loss.
+        """
+        B, T, _ = h.shape
+        gate: TopKGate = self.mod_gates[str(a)]
+        full = Selection.full(T)
+        k = capacity_k(self.cfg.mod_capacity, T)
+        sel, logits, aux, metrics = gate.decide(h, full, k, use_threshold=not self.training)
+        x = sel.gather(h)
+        if x.size(1):
+            pos = sel.positions(positions)
+            cos, sin = self.rope(pos)
+            g = torch.sigmoid(sel.gather(logits[..., None]))
+            kv = KVView(cache[a], pos, valid=sel.valid) if cache is not None else None
+            x = x + g * (layer(x, cos, sin, kv, None, records, sel.valid if kv is None else None) - x)  # records: a routed MLP inside keeps its aux losses
+        records.append(RouterRecord("mod", None, torch.sigmoid(logits.detach()), sel.mask(B, h.device),
+                                    aux, {"bce": self.mod_aux_loss_weight}, metrics, application=a))
+        return sel.scatter(h, x)
+

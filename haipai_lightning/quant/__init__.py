@@ -1,0 +1,1 @@
+"""Quantization: the low-bit codec, quantized tensors and layers, rotations, KV quantization, methods."""

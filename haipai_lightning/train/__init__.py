@@ -1,0 +1,1 @@
+"""Training: the Lightning module, parameter groups and LR schedules, memory-lean optimizers."""
