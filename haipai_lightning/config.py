@@ -2,7 +2,7 @@
 
 The numbers describe the *effective* (unrolled) model: `n_layers` is the depth a
 token travels when it runs every recursion. Parameter sharing then decides how
-many of those layers are unique (see `recursion.py`).
+many of those layers are unique (see `model/schedule.py`).
 """
 
 from __future__ import annotations

@@ -26,3 +26,17 @@ def train_fixed_batch(model: torch.nn.Module, x: torch.Tensor, steps: int, lr: f
         opt.step()
         losses.append(lm.item())
     return losses
+
+
+# The tiny model every unit test builds from: a 5-layer middle-cycle MoR with Nr=3 (1 prelude layer,
+# 1 shared layer run 3 times, 1 coda layer), d_model 32, 4 query / 2 key-value heads. A test file
+# names only what it changes (`cfg = partial(tiny_config, vocab_size=V, n_layers=8)`).
+TINY = dict(vocab_size=128, d_model=32, n_layers=5, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=64,
+            n_recursions=3, sharing="middle_cycle")
+
+
+def tiny_config(**overrides):
+    """ModelConfig of the shared tiny model with `overrides`."""
+    from haipai_lightning.config import ModelConfig
+
+    return ModelConfig(**{**TINY, **overrides})

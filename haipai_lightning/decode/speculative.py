@@ -15,8 +15,8 @@ def speculative_generate(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Greedy speculative decoding; the output equals plain greedy decoding of `model`.
 
-    The draft is, by default, the same model stopped at recursion step `draft_depth` (seed 000,
-    stage 5.2: a recursion boundary is a natural point to draft from: the draft shares every
+    The draft is, by default, the same model stopped at recursion step `draft_depth` (the MoR
+    paper's self-speculation idea, arXiv 2507.10524, section 5: a recursion boundary is a natural point to draft from: the draft shares every
     weight and costs draft_depth/Nr of the shared block), or any smaller model given as `draft`.
     Each round the draft proposes k tokens one by one; the full model scores them in one
     cached forward and keeps the longest prefix it agrees with plus its own next token. Both

@@ -3,7 +3,7 @@
 Perplexity runs every validation block through a fresh decoding cache (one batched prefill), so a
 KV-quantized model attends over its dequantized low-bit keys/values; for the other methods this
 is the plain forward (MoR routes by its causal thresholds either way in eval mode). Size on disk
-is the size of model.safetensors in a real export (export.py) of the quantized model. Decode
+is the size of model.safetensors in a real export (io/export.py) of the quantized model. Decode
 speed is greedy cached generation of one sequence (batch 1), the way a CPU user runs it; the fp32
 model is timed again beside every method, in alternation, so both see the same machine load.
 """

@@ -129,7 +129,7 @@ def gstack_layer_map(cfg: ModelConfig, extra_layers: int | None, factor: int | N
     """The grown config and, for every new unique layer, the old unique layer it is a copy of.
 
     The shared block grows (for Nr=1 that is the whole stack): `extra_layers` copies of its last
-    layer after it (seed 004), or the block stacked `factor` times (Gstack); prelude and coda keep
+    layer after it (depth up-scaling, SOLAR, arXiv 2312.15166), or the block stacked `factor` times (Gstack); prelude and coda keep
     their layers.
     """
     if (extra_layers is None) == (factor is None):

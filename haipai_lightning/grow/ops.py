@@ -3,9 +3,9 @@
 Each op takes a HaipaiModel and returns `(grown model, GrowthReport)`; the input model is never
 modified. The report holds the parameter counts before / after and max |delta logits| on a probe
 batch (evaluation mode: causal routing, dropless MoE). The architecture side (config + component
-specs) is `growth_arch.grow_arch`, shared with checkpoint loading, which replays the growth log.
+specs) is `grow.arch.grow_arch`, shared with checkpoint loading, which replays the growth log.
 
-What each op preserves (tests/test_growth.py asserts every line):
+What each op preserves (tests/grow/test_growth.py asserts every line):
 
 upcycle_to_moe(n_experts, top_k)
     Every dense SwiGLU becomes a TokenChoiceMoE whose experts are copies of it. With top-k
@@ -37,10 +37,10 @@ hyperclone(width_factor n)
 gstack(extra_layers | factor, how)
     Depth growth of the *shared block* (for a vanilla Nr=1 model: the whole stack). For MoR the
     shared block is where depth lives: one more unique layer there is Nr more effective layers
-    at the cost of one layer of parameters (middle-cycle Nr=3: +1 unique layer = seed 004's +3
-    layers), the depth router keeps its per-step gates, and prelude/coda stay the unique
+    at the cost of one layer of parameters (middle-cycle Nr=3: +1 unique layer = +3
+    effective layers), the depth router keeps its per-step gates, and prelude/coda stay the unique
     embedding-side / head-side layers the MoR paper keeps unshared. `extra_layers=k` appends k
-    copies of the block's last layer after it (seed 004); `factor=f` stacks the block f times
+    copies of the block's last layer after it (depth up-scaling, arXiv 2312.15166); `factor=f` stacks the block f times
     (Gstack, arXiv 2405.15319). how="copy": trained weights (the function changes: the grown
     model is exactly the old one with the copied layers run again at their new places -- tested
     against that composition); how="identity": the copies' residual output projections are zero,

@@ -88,7 +88,7 @@ class LayerKV:
         S = int(self.lengths[rows_idx].max())
         return (*self._load(rows_idx, S), self.positions(rows_idx, S))
 
-    # Storage hooks: a quantized cache (haipai_lightning/kv_quant.py) overrides these three.
+    # Storage hooks: a quantized cache (quant/kv_cache.py) overrides these three.
     def _store(self, r: torch.Tensor, dest: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k, v (B, H, T, hd) at [row r (B, T), :, entry dest (B, T)]."""
         self.k[r, :, dest] = k.transpose(1, 2)  # (B, T, H, hd) into (R, H, L, hd) at [row, :, dest]

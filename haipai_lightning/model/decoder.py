@@ -78,7 +78,7 @@ class HaipaiModel(nn.Module):
     ) -> None:
         super().__init__()
         self.cfg = cfg
-        # the factories this model was built with: growth (growth_arch.arch_of) rebuilds it larger
+        # the factories this model was built with: growth (io.arch.arch_of) rebuilds it larger
         self.factories = {"mixer": mixer, "mlp": mlp, "router": router}
         self.schedule = make_schedule(cfg)
         self.order = self.schedule.order()
@@ -140,7 +140,7 @@ class HaipaiModel(nn.Module):
         return {"unique": unique, "effective": unique + (self.schedule.n_recursions - 1) * shared}
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
-        # a KV-quantized model (quantization.py) sets kv_cache_factory: its caches store int8/int4
+        # a KV-quantized model (quant/methods.py) sets kv_cache_factory: its caches store int8/int4
         make = getattr(self, "kv_cache_factory", None) or KVCache
         return make(len(self.order), max_len or self.cfg.max_seq_len)
 

@@ -9,7 +9,7 @@ that one scale per vector fits all of them. QuaRot applies H to q and k online i
 rotating inside the cache gives the same quantization error and leaves attention untouched.
 
 `model.new_cache()` builds a quantized cache when `model.kv_cache_factory` is set (see
-quantization.py); a prefill through such a cache attends over the dequantized keys/values, which
+methods.py); a prefill through such a cache attends over the dequantized keys/values, which
 is how perplexity under KV quantization is evaluated.
 """
 

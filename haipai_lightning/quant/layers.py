@@ -7,7 +7,7 @@ Kernels (torch's own aten ops, the ones torchao's CPU path calls):
 - int4 weight-only: `torch._weight_int4pack_mm_for_cpu` on the kernel's packed layout, built
   from the stored nibbles once (a non-persistent cache: the export stores the plain nibbles).
 - act_bits=4 (the W4A4 simulation): activations are fake-quantized per token to 4 bits before
-  the weight kernel; CPUs have no int4 x int4 matmul, so this is the seed's target simulated.
+  the weight kernel; CPUs have no int4 x int4 matmul, so W4A4 (QuaRot, arXiv 2404.00456) is simulated.
 Off CPU, or where a kernel refuses a shape, the weight is dequantized and F.linear runs.
 """
 

@@ -2,7 +2,7 @@
 
 A method is a `QuantSpec`: weight bits (int8 per-channel / int4 group-wise, round-to-nearest,
 really stored low-bit: see qtensor.py), activation bits (8 = real dynamic int8 x int8 matmuls;
-4 = per-token fake quantization, the seed's W4A4 target simulated), KV-cache bits (kv_quant.py),
+4 = per-token fake quantization, W4A4 as in QuaRot, arXiv 2404.00456, simulated), KV-cache bits (kv_cache.py),
 and whether the weights are first rotated (rotation.py: norm gains fused, randomised Hadamard
 rotation of the residual stream and of values per head; with 4-bit activations also QuaRot's
 online Hadamard before every SwiGLU down projection).

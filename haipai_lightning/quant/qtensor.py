@@ -12,7 +12,7 @@ Why our own round-to-nearest rather than torchao: torchao 0.18 (the current rele
 torch 2.13 CPU build quantizes int8 fine, but its int4 weight-only path fails on fp32 CPU
 ("Requires mslk >= 1.0.0" for the plain layout, bf16-only for tile_packed_to_4d), and bf16 runs
 ~34x slower here (shared/MACHINE.md). The kernels torchao's CPU path calls are aten ops that
-torch ships itself, so we call them directly (`qlayers.py`) and keep no extra dependency.
+torch ships itself, so we call them directly (`layers.py`) and keep no extra dependency.
 """
 
 from __future__ import annotations

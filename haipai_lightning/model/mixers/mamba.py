@@ -218,9 +218,9 @@ class Mamba(nn.Module):
                                       return_last_state=True)
             return y.transpose(1, 2), last
         if kind == "triton":
-            from haipai_lightning.model.mixers import triton_scan
+            from haipai_lightning.model.mixers.triton_scan import selective_scan as triton_selective_scan
 
-            return triton_scan.selective_scan(u, dt, A, B, C, self.D, h0)
+            return triton_selective_scan(u, dt, A, B, C, self.D, h0)
         if kind == "reference":
             return selective_scan_reference(u, dt, A, B, C, self.D, h0)
         if kind == "chunked":

@@ -255,17 +255,17 @@ class ExpertChoiceMoE(_MoEBase):
 
 
 class AdaptiveTopPMoE(_MoEBase):
-    """Top-p ("dynamic") routing (Huang et al. 2024, "Harder Tasks Need More Experts"; seed 003
-    stages 1, 5A): a token takes experts in order of probability until their cumulative
+    """Top-p ("dynamic") routing (Huang et al. 2024, "Harder Tasks Need More Experts", arXiv 2403.07652,
+    section 3.1): a token takes experts in order of probability until their cumulative
     probability reaches p, i.e. the smallest n with p_(1) + ... + p_(n) >= p
     (n = 1 + #{j : p_(1) + ... + p_(j) < p}, capped by max_experts).
 
     out = sum of the selected experts' prob * expert(x) (raw probabilities, or renormalised).
     The dynamic loss, the mean entropy of the router distribution, keeps the router from
     spreading mass to buy more experts; the Switch balancing loss keeps experts used.
-    `threshold` is one p, or one p per unique layer (stage 5A: e.g. 0.6 for the first layer
-    down to 0.2 for the last); a shared layer uses its p at every recursion step.
-    Metrics: mean_experts_per_token (the seed's target 1.5-2.0), max_vio, threshold.
+    `threshold` is one p, or one p per unique layer (e.g. 0.6 for the first layer
+    down to 0.2 for the last: early layers need more experts, the paper's section 4.4); a shared layer uses its p at every recursion step.
+    Metrics: mean_experts_per_token (the paper reports ~1.7-1.9 at p=0.4), max_vio, threshold.
     """
 
     choice = "top_p"

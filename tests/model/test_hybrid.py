@@ -5,10 +5,12 @@ import functools
 import math
 
 import pytest
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
-from helpers import train_fixed_batch
+from helpers import train_fixed_batch, tiny_config
 
 from haipai_lightning import flops
 from haipai_lightning.config import ConfigError, ModelConfig
@@ -27,11 +29,7 @@ from haipai_lightning.model.routing.token_choice import TokenChoiceRouter
 V, T = 61, 20
 
 
-def cfg(**kw):
-    base = dict(vocab_size=V, d_model=32, n_layers=8, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=64,
-                n_recursions=3, sharing="middle_cycle")
-    base.update(kw)
-    return ModelConfig(**base)
+cfg = partial(tiny_config, vocab_size=V, n_layers=8)  # the shared tiny model (helpers.TINY) with this file's sizes
 
 
 # ----------------------------------------------------------------- patterns

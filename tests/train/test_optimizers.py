@@ -5,6 +5,8 @@ import io
 
 import lightning as L
 import pytest
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
@@ -13,15 +15,12 @@ from haipai_lightning.model.decoder import HaipaiModel
 from haipai_lightning.train.module import MoRLightningModule
 from haipai_lightning.train.schedules import optimizer_state_bytes, param_groups
 from haipai_lightning.train.optimizers import AdamW8bit, GaLoreAdamW, QGaLoreAdamW, check_bitsandbytes, dequantize, quantize
+from helpers import tiny_config
 
 V, D, R = 128, 64, 8
 
 
-def cfg(**kw):
-    base = dict(vocab_size=V, d_model=D, n_layers=5, n_heads=4, n_kv_heads=2, ffn_hidden=128, max_seq_len=32,
-                n_recursions=3, sharing="middle_cycle")
-    base.update(kw)
-    return ModelConfig(**base)
+cfg = partial(tiny_config, vocab_size=V, d_model=D, ffn_hidden=128, max_seq_len=32)  # the shared tiny model (helpers.TINY) with this file's sizes
 
 
 BATCH = torch.randint(0, V, (2, 17), generator=torch.Generator().manual_seed(0))

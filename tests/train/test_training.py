@@ -5,6 +5,8 @@ import signal
 
 import lightning as L
 import pytest
+from functools import partial
+
 import torch
 
 from datamodules import TextDataModule
@@ -13,15 +15,12 @@ from haipai_lightning.config import ConfigError, ModelConfig
 from haipai_lightning.train.module import MoRLightningModule
 from haipai_lightning.train.schedules import TrapezoidLR
 from lightning.pytorch.callbacks import ModelCheckpoint
+from helpers import tiny_config
 
 DATA = dict(source="kjv", seq_len=32, batch_size=4, vocab_size=512, max_documents=60, val_fraction=0.05, seed=3)
 
 
-def cfg(**kw):
-    base = dict(vocab_size=512, d_model=32, n_layers=5, n_heads=4, n_kv_heads=2, ffn_hidden=64,
-                max_seq_len=64, n_recursions=3, sharing="middle_cycle")
-    base.update(kw)
-    return ModelConfig(**base)
+cfg = partial(tiny_config, vocab_size=512)  # the shared tiny model (helpers.TINY) with this file's sizes
 
 
 def scheduler(opt):

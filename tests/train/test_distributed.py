@@ -15,7 +15,7 @@ def test_ddp_two_cpu_processes(tmp_path):
     cache = str(tmp_path / "cache")
     TextDataModule(source="kjv", seq_len=32, batch_size=8, vocab_size=512, max_documents=60, val_fraction=0.05,
                    seed=3, cache_dir=cache).prepare_data()  # once, before the processes start
-    env = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(HERE.parents[1]), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(HERE / "ddp_fit.py"), str(tmp_path), cache, "30"], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -30,7 +30,7 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert abs(ranks[0]["checksum"] - ranks[1]["checksum"]) < 1e-6 * max(1.0, abs(ranks[0]["checksum"]))
 
 
-FSDP = str(HERE.parent / "configs" / "gpu" / "fsdp.yaml")
+FSDP = str(HERE.parents[1] / "configs" / "gpu" / "fsdp.yaml")
 
 
 def test_fsdp_config_parses(capsys):

@@ -4,10 +4,12 @@ decoding, temperature, learning inside a MoR model."""
 import functools
 
 import pytest
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
-from helpers import train_fixed_batch
+from helpers import train_fixed_batch, tiny_config
 
 from haipai_lightning.config import ModelConfig
 from haipai_lightning.model.mlps import MixtureOfTokens
@@ -16,11 +18,7 @@ from haipai_lightning.model.decoder import HaipaiModel
 V, T = 61, 16
 
 
-def cfg(**kw):
-    base = dict(vocab_size=V, d_model=32, n_layers=5, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=64,
-                n_recursions=3, sharing="middle_cycle")
-    base.update(kw)
-    return ModelConfig(**base)
+cfg = partial(tiny_config, vocab_size=V)  # the shared tiny model (helpers.TINY) with this file's sizes
 
 
 def reference(mot, x):

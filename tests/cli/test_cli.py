@@ -11,7 +11,7 @@ import pytest
 
 from haipai_lightning.cli.main import main
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 QUICK = str(ROOT / "configs" / "quickstart.yaml")
 # small data so each run prepares in about a second
 SMALL = ["--data.max_documents", "60", "--data.vocab_size", "512", "--data.seq_len", "32", "--data.batch_size", "4"]

@@ -3,6 +3,8 @@
 import functools
 
 import pytest
+from functools import partial
+
 import torch
 
 from haipai_lightning.config import ModelConfig
@@ -10,15 +12,12 @@ from haipai_lightning.analysis.flops import forward_flops, training_flops
 from haipai_lightning.model.decoder import HaipaiModel
 from haipai_lightning.model.routing.expert_choice import ExpertChoiceRouter
 from haipai_lightning.model.routing.token_choice import TokenChoiceRouter
+from helpers import tiny_config
 
 B, T, V, D = 2, 12, 50, 32
 
 
-def cfg(**kw):
-    base = dict(vocab_size=V, d_model=D, n_layers=5, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=32,
-                n_recursions=3, sharing="middle_cycle")
-    base.update(kw)
-    return ModelConfig(**base)
+cfg = partial(tiny_config, vocab_size=V, d_model=D, max_seq_len=32)  # the shared tiny model (helpers.TINY) with this file's sizes
 
 
 def layer_macs(m):

@@ -3,6 +3,8 @@
 import functools
 
 import pytest
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
@@ -11,15 +13,12 @@ from haipai_lightning.model.mlps import TokenChoiceMoE
 from haipai_lightning.model.decoder import HaipaiModel
 from haipai_lightning.model.routing.expert_choice import ExpertChoiceRouter
 from haipai_lightning.model.routing.token_choice import TokenChoiceRouter
+from helpers import tiny_config
 
 V = 64
 
 
-def cfg(**kw):
-    base = dict(vocab_size=V, d_model=32, n_layers=5, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=32,
-                n_recursions=3, sharing="middle_cycle")
-    base.update(kw)
-    return ModelConfig(**base)
+cfg = partial(tiny_config, vocab_size=V, max_seq_len=32)  # the shared tiny model (helpers.TINY) with this file's sizes
 
 
 CASES = {

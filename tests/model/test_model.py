@@ -1,6 +1,8 @@
 """HaipaiModel: shapes, sharing strategies, parameter counts, cache == no cache, learning."""
 
 import pytest
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
@@ -9,12 +11,10 @@ from haipai_lightning.decode.sampling import SamplingConfig, sample_next
 from haipai_lightning.decode.generate import generate
 from haipai_lightning.model.decoder import HaipaiModel
 from haipai_lightning.model.schedule import make_schedule
+from helpers import tiny_config
 
 
-def small(**kw):
-    base = dict(vocab_size=97, d_model=32, n_layers=8, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=64)
-    base.update(kw)
-    return ModelConfig(**base)
+small = partial(tiny_config, vocab_size=97, n_layers=8, n_recursions=1)  # the shared tiny model (helpers.TINY) with this file's sizes
 
 
 STRATEGIES = [("cycle", 8, 2), ("sequence", 8, 4), ("middle_cycle", 8, 3), ("middle_sequence", 8, 2)]

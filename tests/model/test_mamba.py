@@ -9,6 +9,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
@@ -16,14 +18,12 @@ from haipai_lightning.model.cache import KVView, LayerKV
 from haipai_lightning.config import ConfigError, ModelConfig
 from haipai_lightning.model.mixers.mamba import Mamba, selective_scan_chunked, selective_scan_recurrent, selective_scan_reference
 from haipai_lightning.model.decoder import HaipaiModel
+from helpers import tiny_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def cfg(**kw):
-    base = dict(vocab_size=61, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=64)
-    base.update(kw)
-    return ModelConfig(**base)
+cfg = partial(tiny_config, vocab_size=61, n_layers=4, n_recursions=1)  # the shared tiny model (helpers.TINY) with this file's sizes
 
 
 def scan_inputs(Bz=2, T=37, Di=6, N=4, seed=0):

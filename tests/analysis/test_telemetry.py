@@ -19,7 +19,7 @@ from haipai_lightning.model.decoder import HaipaiModel
 from haipai_lightning.model.routing.record import RouterRecord
 from haipai_lightning.analysis.telemetry import DeadTokenTracker, choice_load, choice_token_counts, depth_histogram, depth_token_counts, entropy, extra_depth, layer_grad_norms, logit_stats, max_vio, router_stats, token_depth
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 SMALL = ["--data.max_documents", "60", "--data.vocab_size", "512", "--data.seq_len", "32", "--data.batch_size", "4"]
 
 

@@ -144,7 +144,7 @@ def _composed(model, x, layer_ids):
 
 
 @pytest.mark.parametrize("kw,nr,n_layers,order,new_layers", [
-    ({"extra_layers": 2}, 1, 3, [0, 1, 2, 2, 2], 5),  # vanilla: copies of the last layer on top (seed 004)
+    ({"extra_layers": 2}, 1, 3, [0, 1, 2, 2, 2], 5),  # vanilla: copies of the last layer on top (depth up-scaling)
     ({"extra_layers": 1}, 3, 5, [0] + [1, 1] * 3 + [2], 8),  # MoR: the shared block grows, Nr x 1 layers
     ({"factor": 2}, 3, 8, [0] + [1, 2, 1, 2] * 3 + [3], 14),  # Gstack: the shared block stacked twice
 ])
@@ -376,7 +376,7 @@ def _grown_arch(name):
 
     from haipai_lightning.io.arch import build_model
 
-    y = yaml.safe_load((Path(__file__).parents[1] / "configs" / name).read_text())
+    y = yaml.safe_load((Path(__file__).parents[2] / "configs" / name).read_text())
     m = y["model"]
     arch = {"config": {**m["config"], "vocab_size": y["data"]["vocab_size"]}, "mixer": m.get("mixer"),
             "mlp": m.get("mlp"), "router": m.get("router")}
