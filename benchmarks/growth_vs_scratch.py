@@ -1,4 +1,4 @@
-"""Growth vs scratch at equal training FLOPs (the point of growing a model, seed 004 / HyperCloning).
+"""Growth vs scratch at equal training FLOPs (the point of growing a model: HyperCloning, arXiv 2409.12903; Gstack, arXiv 2405.15319).
 
 Scratch: the large model (MoR expert-choice Nr=3, d=192, 8 heads) trained from random init.
 Grown: the half-width model (d=96, 4 heads) trained for `--grow_at` of the budget, then

@@ -1,9 +1,9 @@
 """PostTrainingQuantization: at the end of `fit`, quantize the trained model by each method and report.
 
 For every method: validation perplexity before / after, size on disk, CPU decode tokens/s before /
-after (haipai_lightning/quant_report.py), printed as a table and logged to TensorBoard
+after (haipai_lightning/eval/quant_report.py), printed as a table and logged to TensorBoard
 (`quantization/<method>/...` scalars and the table under TEXT). With `export_dir`, each quantized
-model is also written as an export directory (`haipai_lightning/export.py`).
+model is also written as an export directory (`haipai_lightning/io/export.py`).
 
 ```yaml
 trainer:

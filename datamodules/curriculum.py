@@ -1,6 +1,6 @@
 """Curriculum data: score each training document's difficulty, split into ordered stages.
 
-Seed 000 stage 0 (arXiv 2506.11300): a tiny model converges faster when it sees easy text
+Curriculum learning for tiny LMs (arXiv 2506.11300): a tiny model converges faster when it sees easy text
 first. A document's difficulty is one of
 
     length          its number of tokens (short chapters first)
