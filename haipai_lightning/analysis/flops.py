@@ -18,6 +18,7 @@ Not counted: norms, activations, softmax (all O(d) per token, < 1% here).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from haipai_lightning.model.routing.gate import capacity_k
 from haipai_lightning.model.routing.record import RouterRecord
@@ -66,10 +67,15 @@ def _nominal_experts(mlp: torch.nn.Module) -> float:
     return float(getattr(mlp, "top_k", getattr(mlp, "capacity_factor", 1.0)))
 
 
-def _window_pairs(counts: torch.Tensor, w: int) -> torch.Tensor:
-    """Causal (query, key) pairs of rows of `counts` tokens under a window of w keys: sum_i min(i, w)."""
-    c = counts.double()
-    return torch.where(c <= w, c * (c + 1) / 2, w * (w + 1) / 2 + (c - w) * w)
+def _window_pairs(mask: torch.Tensor, w: int) -> torch.Tensor:
+    """Causal (query, key) pairs under a sliding window of w *positions*, per row of mask (B, T) bool (the
+    tokens that ran the layer application): a query at position p pairs with the keys that ran it at
+    positions p - w + 1 .. p (attention's window is over absolute positions, routed or not)."""
+    c = F.pad(mask.double().cumsum(1), (1, 0))  # (B, T + 1): c[:, p + 1] = selected tokens at positions <= p
+    T = mask.size(1)
+    p = torch.arange(T, device=mask.device)
+    in_window = c[:, p + 1] - c[:, (p + 1 - w).clamp(min=0)]  # selected keys at positions p - w + 1 .. p
+    return (in_window * mask).sum(1)
 
 
 def forward_flops(model, records: list[RouterRecord], B: int, T: int) -> float:
@@ -104,8 +110,7 @@ def forward_flops(model, records: list[RouterRecord], B: int, T: int) -> float:
             if reuse:
                 pairs = float((pos1.clamp(max=w) * (mask if mask is not None else torch.ones(B, T))).sum())
             else:
-                counts = torch.full((B,), T) if mask is None else mask.sum(1)
-                pairs = float(_window_pairs(counts, w).sum())
+                pairs = float(_window_pairs(torch.ones(B, T, dtype=torch.bool) if mask is None else mask, w).sum())
         flops += 2.0 * tokens * macs + 2.0 * 2.0 * pairs * d_attn  # QK^T and AV
         if getattr(mlp, "routed", False):  # expert matmuls on the rows actually dispatched
             n_rows = rows.get(a, tokens * _nominal_experts(mlp))

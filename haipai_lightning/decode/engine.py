@@ -16,7 +16,9 @@ One engine tick:
     4. tokens that exited run coda + head, a token is sampled, the sequence continues next tick.
 A token of recursion depth d thus costs d ticks.
 
-Per-request compute budgets cap the mean recursion depth of the generated tokens.
+Per-request compute budgets cap the mean recursion depth of the generated tokens. Mixture-of-Depths
+layers run through their gates (`HaipaiModel._mod`, the causal 0.5 threshold), in the prelude / coda
+and, in a vanilla Nr=1 model whose layers all form the "shared" block, in the block pass.
 """
 
 from __future__ import annotations
@@ -64,6 +66,9 @@ class Engine:
     """Batch generation with continuous depth-wise batching. Greedy outputs equal one-at-a-time generation."""
 
     def __init__(self, model: HaipaiModel, max_batch: int = 8, max_len: int | None = None) -> None:
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"Engine max_batch={max_batch!r} must be an integer >= 1: the number of request slots "
+                             "decoded together (haipai generate --batch_size)")
         if not model.schedule.cycle:
             raise ValueError("Engine needs a cycle sharing strategy (cycle or middle_cycle)")
         for need in ("decode_start", "decode_continues", "decode_combine"):  # the router contract (routing/base.py)
@@ -80,6 +85,17 @@ class Engine:
         self.kv_unshared = {a: LayerKV(self.L, rows=self.S) for a in self.pre_apps + self.post_apps}
         # one cache per layer of the shared block; row r * S + s = step r of slot s
         self.kv_block = [LayerKV(self.L, rows=self.nr * self.S) for _ in sch.shared]
+        # Mixture-of-Depths gates inside the shared block: a vanilla (Nr=1) model's layers are all
+        # "shared" (block layer j = application len(prelude) + j); the block pass routes them through the gate
+        self.block_gates: dict[int, int] = {}
+        for j in range(len(sch.shared)):
+            apps = [len(sch.prelude) + r * len(sch.shared) + j for r in range(self.nr)]
+            gated = [a for a in apps if str(a) in model.mod_gates]
+            if gated and self.nr > 1:  # HaipaiModel gates shared applications only when Nr=1
+                raise ValueError(f"Engine: Mixture-of-Depths gates on recursion-step applications {gated}: only a "
+                                 "vanilla Nr=1 model gates its shared layers")
+            if gated:
+                self.block_gates[j] = gated[0]
         self.queue: deque[Request] = deque()
         self.slot_req: list[Request | None] = [None] * self.S
         D = model.cfg.d_model
@@ -111,7 +127,16 @@ class Engine:
     @torch.no_grad()
     def run(self) -> None:
         while self.queue or any(r is not None for r in self.slot_req):
+            before = self._progress()
             self.tick()
+            if self._progress() == before:  # nothing admitted, run or emitted: it would spin forever
+                raise RuntimeError(f"Engine made no progress in a tick ({len(self.queue)} queued, slot stages "
+                                   f"{self.stage.tolist()}, max_batch={self.S})")
+
+    def _progress(self) -> tuple[int, int, int]:
+        """(queued requests, tokens emitted, block-pass tokens): a tick with any request in flight emits a
+        token or runs a block pass (a prelude leads to one of them in the same tick); admitting shrinks the queue."""
+        return len(self.queue), self.stats["tokens"], self.stats["block_tokens"]
 
     # ------------------------------------------------------------------ a tick
     @torch.no_grad()
@@ -225,6 +250,9 @@ class Engine:
             layer = m.layers[layer_id]
             # row r * S + s: step r of slot s -- keys/values, or a Mamba layer's recurrent state
             kv = KVView(RowView(self.kv_block[j], r * self.S + slots), pos)
+            if j in self.block_gates:  # Mixture-of-Depths (Nr=1, so every token is at step 0): through the gate
+                x = m._mod(self.block_gates[j], layer, x, pos, [], _Apps(self, slots))
+                continue
             share = None
             if m.cfg.kv_mode == "shared":
                 if reuse and layer.mixer.cache_kind == "kv":  # the queries read step 1's cache of their sequence

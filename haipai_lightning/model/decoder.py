@@ -178,14 +178,15 @@ class HaipaiModel(nn.Module):
             """Run layer applications lo..hi-1 on h (B, k, D), the tokens `sel` of the sequence."""
             pos = sel.positions(positions)  # original RoPE positions of the gathered tokens
             cos, sin = self.rope(pos)
-            share = None
+            # routed tokens without a cache: attention needs their absolute positions (sliding window)
+            share = KVShare.at(pos) if cache is None and not sel.is_full else None
             for a in range(lo, hi):
                 layer = self.layers[self.order[a][0]]
                 if step is not None and self.cfg.kv_mode == "shared":
                     share = KVShare(share_store, a - lo, step > 0, pos)
                 kv = KVView(cache[a], pos, valid=sel.valid) if cache is not None else None
                 if str(a) in self.mod_gates:
-                    h = self._mod(a, layer, h, positions, records, cache)
+                    h = self._mod(a, layer, h, pos, records, cache)
                 elif self.activation_checkpointing and self.order[a][1] is not None and kv is None and torch.is_grad_enabled():
                     h = checkpointed_layer(layer, h, cos, sin, share, records, sel.valid)  # recursion blocks only
                 else:
@@ -232,7 +233,8 @@ class HaipaiModel(nn.Module):
             cos, sin = self.rope(pos)
             g = torch.sigmoid(sel.gather(logits[..., None]))
             kv = KVView(cache[a], pos, valid=sel.valid) if cache is not None else None
-            x = x + g * (layer(x, cos, sin, kv, None, records, sel.valid if kv is None else None) - x)  # records: a routed MLP inside keeps its aux losses
+            share = KVShare.at(pos) if kv is None else None  # the gathered tokens' positions (sliding window)
+            x = x + g * (layer(x, cos, sin, kv, share, records, sel.valid if kv is None else None) - x)  # records: a routed MLP inside keeps its aux losses
         records.append(RouterRecord("mod", None, torch.sigmoid(logits.detach()), sel.mask(B, h.device),
                                     aux, {"bce": self.mod_aux_loss_weight}, metrics, application=a))
         return sel.scatter(h, x)

@@ -32,12 +32,25 @@ class KVShare:
     positions) under its slot; later steps reuse them (`reuse=True`): a routed query at
     position p sees the stored keys at positions <= p. With a decoding cache the store
     holds the whole history, so decoding reuses step 1's cache too.
+
+    `store=None` (`KVShare.at(pos)`) shares nothing: it only carries the absolute positions of a
+    routed computation's gathered tokens (a MoR step or a Mixture-of-Depths layer without a cache),
+    which a sliding window needs; a mixer without keys/values ignores it like any `share`.
     """
 
-    store: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # slot -> (k, v, key positions (B|1, S))
+    store: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None  # slot -> (k, v, key pos (B|1, S))
     slot: int
     reuse: bool
     q_pos: torch.Tensor | None = None  # (B, T) or (T,) positions of the queries
+
+    @staticmethod
+    def at(q_pos: torch.Tensor) -> "KVShare":
+        """No sharing: the gathered tokens' absolute positions (B, k) only."""
+        return KVShare(None, 0, False, q_pos)
+
+    @property
+    def sharing(self) -> bool:
+        return self.store is not None
 
 
 def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, window: tuple[int, int],
@@ -65,10 +78,12 @@ class Attention(nn.Module):
     a fused C++ kernel on CPU), so no hand-written attention here. Multi-query attention is
     n_kv_heads=1 in the model config.
 
-    Sliding window: a query at position p sees keys at positions p - window + 1 .. p. Positions
-    come from the decoding cache or the KV-sharing store when there is one; a layer without
-    either sees its own tokens in order, so for a routed recursion step (recursion-wise KV,
-    no cache) the window spans the last `window` tokens *active at that step*.
+    Sliding window: a query at absolute position p sees the keys at positions p - window + 1 .. p
+    among the keys that exist for this layer application (the tokens routed to this recursion step
+    or Mixture-of-Depths layer; under kv_mode=shared, step 1's keys of every token). Positions come
+    from the decoding cache, the KV-sharing store or, for a routed computation without a cache,
+    `KVShare.at` (the gathered tokens' positions): cached and uncached forwards agree. A layer
+    given none of them sees its own tokens at consecutive positions.
     """
 
     #: what decoding keeps per token: keys/values ("kv"); a recurrent mixer keeps a "state"
@@ -82,7 +97,8 @@ class Attention(nn.Module):
         """Args:
             cfg: the model configuration (given by the model).
             window: sliding-window length in tokens (None = full causal attention).
-            flash: use flash-attn's kernel when it imports (CUDA, fp16/bf16, no cache, no KV sharing).
+            flash: use flash-attn's kernel when it imports (CUDA, fp16/bf16, no cache, no KV sharing, not for
+                routed tokens under a window: its window counts tokens, so those rows take SDPA).
             flex: inference forwards without a cache use compiled flex_attention with a block mask
                 (skips masked blocks; pays for long windowed sequences; compiles on first use).
         """
@@ -109,11 +125,13 @@ class Attention(nn.Module):
         valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, T, D); cos/sin broadcastable to (B, T, H, hd/2); kv: this application's decode cache;
-        share: recursive KV sharing (MoR) -- store this step's keys/values, or reuse step 1's;
+        share: recursive KV sharing (MoR) -- store this step's keys/values, or reuse step 1's; or
+        (`KVShare.at`) only the absolute positions of routed tokens, for the sliding window;
         valid (B, T): which gathered tokens are real when a routed step padded its rows (pads trail
         each row, so causal attention is already exact; flash-attn's varlen kernel skips them)."""
         B, T, _ = x.shape
-        reuse = share is not None and share.reuse
+        sharing = share is not None and share.sharing  # recursive KV sharing (not just positions)
+        reuse = sharing and share.reuse
         qx, kx, vx = (self.wq(x), None, None) if reuse else self._qkv(x)
         q = apply_rope(qx.view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
         mask, causal = None, T > 1
@@ -129,13 +147,17 @@ class Attention(nn.Module):
             if kv is not None:
                 k, v, mask = kv.update(k, v)  # the row's history + the new tokens; mask (B, 1, T, S) or None
                 causal = False
-            if share is not None:  # step 1 of KV sharing: keep keys/values for the later steps
+            if sharing:  # step 1 of KV sharing: keep keys/values for the later steps
                 if kv is not None:
                     key_pos = kv.key_positions(k.size(2))
                 else:
                     key_pos = share.q_pos if share.q_pos.dim() == 2 else share.q_pos[None]
                 share.store[share.slot] = (k, v, key_pos)
-        plain = kv is None and share is None  # the layer's own tokens, causal: kernels with built-in masks
+        plain = kv is None and not sharing  # the layer's own tokens, causal: kernels with built-in masks
+        if plain and self.window is not None and share is not None:
+            # Routed tokens (gathered, with gaps) under a window: the kernels' windows count tokens, not
+            # positions, so SDPA with the explicit absolute-position mask (_window_mask) takes these rows.
+            plain = False
         if plain and self.flash and _HAS_FLASH and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
             from flash_attn import flash_attn_func, flash_attn_varlen_func  # (B, T, H, hd) layout, GQA built in
 
@@ -150,7 +172,7 @@ class Attention(nn.Module):
             y = self._flex(q, k, v)
         else:
             if self.window is not None:
-                mask = self._window_mask(mask, T, k.size(2), kv, share, x.device)
+                mask = self._window_mask(mask, T, k.size(2), kv, share, reuse, x.device)
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=self.n_kv_heads != self.n_heads
             )
@@ -172,18 +194,27 @@ class Attention(nn.Module):
         return self.wq(x), self.wk(x), self.wv(x)
 
     def _window_mask(self, mask: torch.Tensor | None, T: int, S: int, kv: KVView | None, share: KVShare | None,
-                     device: torch.device) -> torch.Tensor:
-        """AND the sliding window onto `mask` (None = plain causal): bool (B|1, 1, T, S) or (T, S)."""
+                     reuse: bool, device: torch.device) -> torch.Tensor:
+        """AND the sliding window onto `mask` (None = plain causal): bool (B|1, 1, T, S) or (T, S).
+
+        The window is over absolute positions: key position in (q_pos - window, q_pos], -1 = no key.
+        """
         q_pos = share.q_pos if share is not None and share.q_pos is not None else None
         q_pos = kv.positions if q_pos is None and kv is not None else q_pos
-        if q_pos is None:  # the layer's own T tokens in order (S == T)
+        if q_pos is None:  # the layer's own T tokens at consecutive positions (S == T)
             i, j = torch.arange(T, device=device)[:, None], torch.arange(S, device=device)[None]
             return (j <= i) & (j > i - self.window)
-        key_pos = share.store[share.slot][2] if share is not None else None
+        key_pos = share.store[share.slot][2] if share is not None and share.sharing else None
         key_pos = (kv.key_positions(S) if kv is not None else q_pos) if key_pos is None else key_pos
         qp = (q_pos if q_pos.dim() == 2 else q_pos[None])[:, :, None]  # (B|1, T, 1)
         kp = (key_pos if key_pos.dim() == 2 else key_pos[None])[:, None, :]  # (B|1, 1, S)
-        win = ((kp <= qp) & (kp > qp - self.window) & (kp >= 0))[:, None]
+        win = (kp <= qp) & (kp > qp - self.window) & (kp >= 0)
+        if kv is None and not reuse:
+            # the keys are the queries themselves (S == T), gathered in causal order: causal by slot too,
+            # so that the trailing pads of a routed row (which read the last token's position) stay
+            # hidden from real queries; a pad query still sees itself (no empty softmax row)
+            win = win & torch.ones(T, S, dtype=torch.bool, device=device).tril()
+        win = win[:, None]
         return win if mask is None else mask & win
 
     def _flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
