@@ -3,8 +3,11 @@
 from callbacks.curriculum import CurriculumSwitch, DepthCurriculum
 from callbacks.fit_summary import FitSummary
 from callbacks.flop_budget import FlopBudget
+from callbacks.graceful_stop import GracefulStop
 from callbacks.growth import GrowthSchedule
+from callbacks.nonfinite import NonFiniteGuard
 from callbacks.post_training_quantization import PostTrainingQuantization
 from callbacks.router_telemetry import RouterTelemetry
 
-__all__ = ["CurriculumSwitch", "DepthCurriculum", "FitSummary", "FlopBudget", "GrowthSchedule", "PostTrainingQuantization", "RouterTelemetry"]
+__all__ = ["CurriculumSwitch", "DepthCurriculum", "FitSummary", "FlopBudget", "GracefulStop", "GrowthSchedule",
+           "NonFiniteGuard", "PostTrainingQuantization", "RouterTelemetry"]

@@ -37,19 +37,40 @@ class FitSummary(L.Callback):
         val = trainer.callback_metrics.get("val/loss")
         h = getattr(dm, "unigram_entropy", None)
         if val is not None:
-            self.summary["val_loss"] = float(val)
-            line = f"validation loss {float(val):.3f} nats (perplexity {math.exp(float(val)):.1f})"
-            if h is not None:
-                self.summary["unigram_entropy"] = float(h)
-                line += f" vs unigram entropy {h:.3f} nats: {h - float(val):+.3f} nats from context"
+            v = float(val)
+            self.summary["val_loss"] = v
+            if not math.isfinite(v):
+                line = f"validation loss {v} (the model diverged)"
+            else:
+                line = f"validation loss {v:.3f} nats (perplexity {math.exp(min(v, 700.0)):.1f})"
+                if h is not None:
+                    self.summary["unigram_entropy"] = float(h)
+                    line += f" vs unigram entropy {h:.3f} nats: {h - v:+.3f} nats from context"
             print(line)
         tok = getattr(dm, "tokenizer", None)
         if tok is None:
             return
         model = pl_module.model
         ids = torch.tensor([tok.encode(self.prompt).ids], device=pl_module.device)
+        broken = _non_finite(model, ids)
+        if broken:
+            print(f"sample: skipped, {broken} (the run diverged: lower the learning rate or clip gradients)")
+            return
         n = min(self.max_new_tokens, model.cfg.max_seq_len - ids.size(1))
         was_training = model.training
         out = generate(model, ids, SamplingConfig(max_new_tokens=n, temperature=self.temperature, seed=self.seed))
         model.train(was_training)
         print("sample:", tok.decode(out[0].tolist()))
+
+
+def _non_finite(model: torch.nn.Module, ids: torch.Tensor) -> str | None:
+    """Why the model cannot be sampled from (NaN / inf weights or logits), or None."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        return f"the model has non-finite weights ({len(bad)} tensors, e.g. {bad[0]})"
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(ids[:, -model.cfg.max_seq_len:]).logits
+    model.train(was_training)
+    return None if torch.isfinite(logits).all() else "the model's logits are not finite"

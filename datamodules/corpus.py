@@ -85,10 +85,26 @@ def _split_paragraphs(text: str) -> list[str]:
     return docs
 
 
+def _not_utf8(path: Path, e: UnicodeDecodeError, where: str = "") -> ConfigError:
+    return ConfigError(f"data.source file {str(path)!r}{where} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                       "convert it (e.g. iconv -f latin1 -t utf-8) or remove it from data.source")
+
+
+def _check_text(path: Path, where: str, text_field: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{path}{where}: {text_field!r} holds {type(value).__name__} {str(value)[:40]!r}, not text; "
+                          f"fix the record or set data.text_field to the key that holds the text")
+    return value
+
+
 def _read_jsonl(path: Path, text_field: str) -> list[str]:
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, e, f" line {lineno}") from None
             if not line.strip():
                 continue
             try:
@@ -100,7 +116,7 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
                     f"{path}:{lineno} has no field {text_field!r}; "
                     f"set data.text_field to the key that holds the text"
                 )
-            docs.append(record[text_field])
+            docs.append(_check_text(path, f":{lineno}", text_field, record[text_field]))
     return docs
 
 
@@ -114,14 +130,17 @@ def _read_with_datasets(path: Path, builder: str, text_field: str) -> list[str]:
             f"{path} has no column {text_field!r} (columns: {ds.column_names}); "
             f"set data.text_field to the column that holds the text"
         )
-    return list(ds[text_field])
+    return [_check_text(path, f" row {i}", text_field, t) for i, t in enumerate(ds[text_field])]
 
 
 def read_file(path: Path, text_field: str = "text") -> list[str]:
     """Documents in one local file, chosen by its suffix."""
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return _split_paragraphs(path.read_text(encoding="utf-8"))
+        try:
+            return _split_paragraphs(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise _not_utf8(path, e) from None
     if suffix == ".jsonl":
         return _read_jsonl(path, text_field)
     if suffix == ".json":
@@ -203,7 +222,7 @@ def _load_one(source: str, text_field: str, split: str) -> list[str]:
             f"Hub dataset {source!r} has no column {text_field!r} (columns: {ds.column_names}); "
             f"set data.text_field"
         )
-    return list(ds[text_field])
+    return [_check_text(path, f" row {i}", text_field, t) for i, t in enumerate(ds[text_field])]
 
 
 def load_documents(source: str = KJV, text_field: str = "text", split: str = "train") -> list[str]:

@@ -298,13 +298,20 @@ class TextDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             return {}
-        epoch = trainer.fit_loop.epoch_progress.current.processed
+        progress = trainer.fit_loop.epoch_progress.current
+        epoch = progress.processed
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        if done >= trainer.num_training_batches:  # saved at the end of an epoch
+        # saved at the end of an epoch that is not yet counted as processed (a save in on_train_epoch_end
+        # has it counted already: adding one more would skip an epoch)
+        if done >= trainer.num_training_batches and progress.processed < progress.started:
             epoch, done = epoch + 1, 0
-        return {"epoch": int(epoch), "batches_done": int(done)}
+        return {"epoch": int(epoch), "batches_done": int(done), "batch_size": int(self.batch_size)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        saved = state.get("batch_size", self.batch_size)
+        if saved != self.batch_size:  # the stream position is in batches: another size would skip or repeat data
+            raise ConfigError(f"data.batch_size={self.batch_size} but the checkpoint was trained with {saved}: an exact "
+                              f"resume needs the same data.batch_size (or start a new run from its weights)")
         self._resume = dict(state)
 
     def _resume_at(self) -> tuple[int, int]:

@@ -7,6 +7,8 @@ many of those layers are unique (see `model/schedule.py`).
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
@@ -86,6 +88,14 @@ class ModelConfig:
     # --------------------------------------------------------------- validation
     def validate(self) -> None:
         """Raise ConfigError (one line, naming the field and the fix) for impossible shapes."""
+        for f in fields(self):  # types first: a config read from a file may hold anything
+            v, t = getattr(self, f.name), str(f.type)
+            ok = (v is None and "None" in t) or (
+                isinstance(v, numbers.Integral) and not isinstance(v, bool) if t.startswith("int") else
+                isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) if t.startswith("float") else
+                isinstance(v, bool) if t.startswith("bool") else isinstance(v, str))
+            if not ok:
+                raise ConfigError(f"model.config.{f.name}={v!r} must be of type {t}")
         if self.n_heads < 1 or self.d_model % self.n_heads:
             raise ConfigError(
                 f"model.config.n_heads={self.n_heads} does not divide model.config.d_model={self.d_model}; "
@@ -132,6 +142,12 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.config.{name} must be positive, got {getattr(self, name)}")
+        if self.ffn_hidden is not None and self.ffn_hidden < 1:
+            raise ConfigError(f"model.config.ffn_hidden={self.ffn_hidden} must be >= 1 (null = 8/3 d_model rounded "
+                              "up to a multiple of 64)")
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.config.{name}={getattr(self, name)} must be > 0")
 
     # ------------------------------------------------------------ presets & io
     @classmethod
@@ -145,6 +161,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"model.config must be a mapping of fields, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -167,3 +185,7 @@ PRESETS: dict[str, ModelConfig] = {
     "360m": ModelConfig(vocab_size=49152, d_model=960, n_layers=32, n_heads=15, n_kv_heads=5,
                         ffn_hidden=2560, max_seq_len=2048, rope_theta=10000.0),
 }
+
+
+class TrainingDiverged(ConfigError):
+    """The training loss or gradients became NaN / inf; the message names the step and what to try."""

@@ -60,6 +60,12 @@ def eval_command(
     from haipai_lightning.io.checkpoint import load_checkpoint_file
     from haipai_lightning.io.loader import load_model
 
+    if tasks:  # a typo in a task name fails now, not after minutes of perplexity
+        try:
+            from haipai_lightning.eval.lm_eval_adapter import check_tasks
+        except ImportError as e:
+            raise ConfigError(f"--tasks needs lm-evaluation-harness: pip install -e \".[eval]\" ({e})") from e
+        check_tasks([t.strip() for t in tasks.split(",") if t.strip()])
     model, tok = load_model(ckpt_path)
     if tok is None:
         raise ConfigError(f"{ckpt_path!r} holds no tokenizer; it was not trained through a Haipai data module")

@@ -43,26 +43,45 @@ def generate_command(
     import torch
 
     from haipai_lightning.decode.engine import Engine, Request
-    from haipai_lightning.decode.sampling import SamplingConfig
     from haipai_lightning.decode.generate import generate
-    from haipai_lightning.io.loader import load_model
+    from haipai_lightning.decode.sampling import SamplingConfig
     from haipai_lightning.decode.speculative import speculative_generate
+    from haipai_lightning.io.loader import load_model
 
+    sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed)  # checks the sampling flags
+    if batch_size < 1:
+        raise ConfigError(f"--batch_size {batch_size} must be >= 1 (requests in flight at once)")
+    if speculative < 0:
+        raise ConfigError(f"--speculative {speculative} must be >= 0 (drafted tokens per round; 0 = off)")
+    if speculative > 0 and (prompts is not None or temperature > 0):
+        raise ConfigError("--speculative decodes one --prompt greedily: pass --temperature 0 and no --prompts")
+    if prompts is not None and not os.path.isfile(prompts):
+        raise FileNotFoundError(f"--prompts {prompts!r} does not exist; give a text file with one prompt per line")
     model, tok = load_model(ckpt_path)
     if tok is None:
         raise ConfigError(f"{ckpt_path!r} holds no tokenizer; it was not trained through a Haipai data module")
+    nr = model.schedule.n_recursions
+    if depth_budget is not None and not 1 <= depth_budget <= nr:
+        raise ConfigError(f"--depth_budget {depth_budget} must be in [1, {nr}] (a mean recursion depth; this model has "
+                          f"n_recursions={nr})")
+    if speculative > 0 and not 1 <= draft_depth < nr:
+        raise ConfigError(f"--draft_depth {draft_depth} must be in [1, {nr - 1}]: the draft stops before the model's "
+                          f"n_recursions={nr} steps" + (" (this model has one step: nothing to draft with)" if nr < 2 else ""))
     eos = tok.token_to_id("<|endoftext|>") or 0
     if prompts is not None:
-        if not os.path.isfile(prompts):
-            raise FileNotFoundError(f"--prompts {prompts!r} does not exist; give a text file with one prompt per line")
-        with open(prompts, encoding="utf-8") as f:
-            lines = [line.rstrip("\n") for line in f if line.strip()]
+        numbered = _read_prompts(prompts)
     else:
-        lines = [prompt]
+        numbered = [(0, prompt)]
+    lines = [t for _, t in numbered]
     encoded = [tok.encode(t).ids or [eos] for t in lines]
+    limit = model.cfg.max_seq_len - max_new_tokens - (speculative + 1 if speculative > 0 else 0)
+    for (n, _), ids in zip(numbered, encoded):
+        if len(ids) > limit:
+            where = f"--prompts {prompts!r} line {n}" if prompts is not None else "--prompt"
+            raise ConfigError(f"{where} has {len(ids)} tokens; with --max_new_tokens {max_new_tokens} the model's "
+                              f"context of {model.cfg.max_seq_len} tokens allows {max(limit, 0)}: shorten it or "
+                              "lower --max_new_tokens")
     if speculative > 0:
-        if prompts is not None or temperature > 0:
-            raise ConfigError("--speculative decodes one --prompt greedily: pass --temperature 0 and no --prompts")
         out, stats = speculative_generate(model, torch.tensor([encoded[0]]), max_new_tokens, k=speculative,
                                           draft_depth=draft_depth)
         texts = [tok.decode(out[0].tolist())]
@@ -71,8 +90,7 @@ def generate_command(
               f"acceptance {stats['acceptance']:.2f}]", file=sys.stderr)
         return texts
     if prompts is None and depth_budget is None:
-        s = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed)
-        texts = [tok.decode(generate(model, torch.tensor([encoded[0]]), s)[0].tolist())]
+        texts = [tok.decode(generate(model, torch.tensor([encoded[0]]), sampling)[0].tolist())]
         print(texts[0])
         return texts
     engine = Engine(model, max_batch=batch_size, max_len=model.cfg.max_seq_len)
@@ -88,3 +106,20 @@ def generate_command(
         if prompts is not None:
             print("---")
     return texts
+
+
+def _read_prompts(path: str) -> list[tuple[int, str]]:
+    """(line number, prompt) of every non-empty line of a UTF-8 text file."""
+    out = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"--prompts {path!r} line {n} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                                  "save the file as UTF-8") from None
+            if line.strip():
+                out.append((n, line))
+    if not out:
+        raise ConfigError(f"--prompts {path!r} has no non-empty line; give one prompt per line")
+    return out

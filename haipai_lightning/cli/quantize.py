@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from haipai_lightning.cli.export import export_command
+from haipai_lightning.io.export import check_replaceable
 from haipai_lightning.config import ConfigError
 
 
@@ -40,6 +41,7 @@ def quantize_command(
     val_batches: int = 8,
     decode_tokens: int = 32,
     out: str | None = None,
+    overwrite: bool = False,
     log_dir: str | None = None,
 ) -> list[dict[str, Any]]:
     """Quantize a checkpoint and report perplexity, size on disk and decode speed per method.
@@ -52,7 +54,8 @@ def quantize_command(
             the checkpoint's run directory).
         val_batches: validation batches the perplexities are measured on.
         decode_tokens: tokens generated (batch 1, greedy) to time decoding.
-        out: export directory for the quantized model (one method only).
+        out: export directory for the quantized model (one method only); it must not exist.
+        overwrite: replace --out when it is a Haipai export (never another directory).
         log_dir: TensorBoard directory for the report (default: <run dir>/quantization).
     """
     from haipai_lightning.io.loader import load_model
@@ -62,8 +65,12 @@ def quantize_command(
     names = [m for m in METHODS if m != "fp32"] if method == "all" else [m.strip() for m in method.split(",")]
     for name in names:
         get_method(name)
-    if out is not None and len(names) != 1:
-        raise ConfigError(f"--out writes one quantized model; pass a single --method (got {len(names)})")
+    if val_batches < 1 or decode_tokens < 1:
+        raise ConfigError(f"--val_batches {val_batches} and --decode_tokens {decode_tokens} must be >= 1")
+    if out is not None:
+        if len(names) != 1:
+            raise ConfigError(f"--out writes one quantized model; pass a single --method (got {len(names)})")
+        check_replaceable(Path(out).absolute(), overwrite)  # before the long work, and never a foreign directory
     model, tok = load_model(ckpt_path)
     batches = _val_batches(ckpt_path, data, val_batches)
     rows = evaluate_methods(model, names, batches, new_tokens=decode_tokens)
@@ -75,5 +82,5 @@ def quantize_command(
         log_tensorboard(writer, rows)
     print(f"[TensorBoard: tensorboard --logdir {tb}]")
     if out is not None:
-        export_command(ckpt_path, out, method=names[0], overwrite=True)
+        export_command(ckpt_path, out, method=names[0], overwrite=overwrite)
     return [r.as_row() for r in rows]

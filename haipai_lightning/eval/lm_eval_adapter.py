@@ -191,6 +191,21 @@ def resolve_tasks(tasks: list[str]) -> tuple[list[str], list[str], bool]:
     return names, list(dict.fromkeys(include)), builtin
 
 
+def check_tasks(tasks: list[str]) -> None:
+    """Raise ConfigError for a task lm_eval does not know -- before any long work (perplexity) starts."""
+    import difflib
+
+    from lm_eval.tasks import TaskManager
+
+    names, include, builtin = resolve_tasks(tasks)
+    known = set(TaskManager(include_path=include, include_defaults=builtin).all_tasks)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], sorted(known), n=3)
+        raise ConfigError(f"--tasks {unknown[0]!r} is not an lm_eval task" + (f" (did you mean {', '.join(near)}?)"
+                          if near else "") + f"; local tasks: {', '.join(sorted(p.stem for p in TASKS_DIR.glob('*/*.yaml')))}")
+
+
 def run_lm_eval(lm: HaipaiLM, tasks: list[str], num_fewshot: int | None = None, limit: int | float | None = None,
                 bootstrap_iters: int = 1000) -> dict[str, dict[str, float]]:
     """Run lm_eval tasks on `lm`; returns {task: {metric: value}} (numbers only)."""

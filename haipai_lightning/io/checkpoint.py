@@ -1,14 +1,22 @@
-"""Reading checkpoints safely.
+"""Reading checkpoints safely, writing them atomically.
 
 A checkpoint carries `checkpoint["haipai"]`: the architecture (io/arch.py), the growth log and
 the tokenizer. That is enough to rebuild the model without the YAML that trained it, and it holds
 only plain types, so every load uses `torch.load(weights_only=True)`; the component specs in it
 resolve through the allowlist of io/spec.py.
+
+Writing: AtomicCheckpointIO writes every checkpoint to a temporary file in the destination
+directory, fsyncs it, renames it over the final name and fsyncs the directory, so a crash or
+SIGKILL at any moment leaves either the previous file or the new one, never a truncated one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
+import shutil
+import socket
 from typing import Any
 
 import torch
@@ -20,20 +28,131 @@ CHECKPOINT_KEY = "haipai"
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint IO (fsspec transaction: temp file + rename) that always loads with weights_only=True."""
+    """Lightning's checkpoint IO that always loads with weights_only=True (saves: see AtomicCheckpointIO)."""
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):  # type: ignore[override]
         return load_checkpoint_file(path, map_location=map_location or "cpu")
 
 
+class AtomicCheckpointIO(SafeCheckpointIO):
+    """SafeCheckpointIO whose saves are crash-safe on local disks (the IO `haipai fit` installs).
+
+    Lightning's own save goes through an fsspec transaction that writes the temporary file in
+    TMPDIR and *moves* it: across filesystems (TMPDIR=/dev/shm) that move is a copy over the old
+    checkpoint, and a kill during it leaves a truncated file. Here the temporary file lives beside
+    the checkpoint (`.<name>.tmp-<host>-<pid>`), so the final step is one rename. Remote URLs
+    (s3://, ...) keep Lightning's fsspec path.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
+        local = _local_path(path)
+        if local is None or storage_options is not None:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_save(checkpoint, local)
+
+
+def _local_path(path: str | os.PathLike) -> str | None:
+    path = os.fspath(path)
+    if path.startswith("file://"):
+        return path[len("file://"):]
+    return None if "://" in path else path
+
+
+def _tmp_path(path: str) -> str:
+    d, name = os.path.split(os.path.abspath(path))
+    return os.path.join(d, f".{name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
+def _fsync_dir(d: str) -> None:
+    with contextlib.suppress(OSError):  # not possible on every platform (Windows); the rename is still atomic
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _remove_stale_temps(d: str) -> None:
+    """Delete the temporary files a killed save of this host left in `d` (their process is gone)."""
+    host = socket.gethostname()
+    for entry in os.scandir(d):
+        if not entry.name.startswith(".") or ".tmp-" not in entry.name:
+            continue
+        tag = entry.name.rsplit(".tmp-", 1)[1]
+        owner, _, pid = tag.rpartition("-")
+        if owner != host or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # dead: the file is an orphan of a killed save
+            with contextlib.suppress(OSError):
+                os.remove(entry.path)
+        except OSError:  # alive (another user's process): leave it
+            pass
+
+
+def _replace_atomically(path: str, write) -> None:
+    """write(tmp) then fsync + rename onto `path` + fsync the directory; the temp file never outlives a failure."""
+    path = os.path.abspath(path)
+    d = os.path.dirname(path)
+    os.makedirs(d, exist_ok=True)
+    _remove_stale_temps(d)
+    tmp = _tmp_path(path)
+    try:
+        write(tmp)
+        if not os.path.islink(tmp):
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # KeyboardInterrupt / SystemExit too: no half-written temp file stays behind
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    _fsync_dir(d)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save(obj) to `path` so that a crash at any moment leaves the old file or the new one, whole."""
+    _replace_atomically(os.fspath(path), lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_link(target: str | os.PathLike, link: str | os.PathLike) -> None:
+    """Point `link` at `target` (relative symlink; a copy where symlinks are not allowed), atomically."""
+    target, link = os.path.abspath(target), os.path.abspath(link)
+    if target == link:
+        return
+
+    def write(tmp: str) -> None:
+        try:
+            os.symlink(os.path.relpath(target, os.path.dirname(link)), tmp)
+        except OSError:
+            shutil.copyfile(target, tmp)
+
+    _replace_atomically(link, write)
+
+
+def link_checkpoint(trainer: Any, filepath: str, linkpath: str) -> None:
+    """ModelCheckpoint._link_checkpoint (save_last="link") through atomic_link: Lightning's removes last.ckpt
+    before it links (and copies where symlinks fail), so a kill between the two leaves no last.ckpt."""
+    if trainer.is_global_zero:
+        atomic_link(filepath, linkpath)
+    trainer.strategy.barrier()
+
+
 def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
     """torch.load(weights_only=True) with one-line errors for a missing or damaged file."""
-    if not os.path.isfile(path):
+    if isinstance(path, (str, os.PathLike)) and not os.path.isfile(path):
         raise FileNotFoundError(f"--ckpt_path {str(path)!r} does not exist; pass the path of a .ckpt file")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before it refuses: one line is enough
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, foreign pickle, ...
         raise ConfigError(
             f"checkpoint {str(path)!r} cannot be read safely ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
             "it is damaged or not a Haipai checkpoint"
         ) from e
+    if not isinstance(ckpt, dict):
+        raise ConfigError(f"checkpoint {str(path)!r} holds a {type(ckpt).__name__}, not a checkpoint; it is not a Haipai "
+                          "checkpoint")
+    return ckpt

@@ -22,12 +22,14 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from haipai_lightning.io.arch import COMPONENTS, normalize_arch
 from haipai_lightning.io.spec import build_component, component_spec
 from haipai_lightning.config import ConfigError, ModelConfig
 
@@ -70,9 +72,8 @@ def save_pretrained(model: nn.Module, out: str | os.PathLike, arch: dict[str, An
     """
     from safetensors.torch import save_file
 
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise ConfigError(f"export directory {str(out)!r} exists; pass --overwrite true or choose another --out")
+    out = Path(out).absolute()
+    check_replaceable(out, overwrite)
     arch = getattr(model, "haipai_arch", None) if arch is None else arch
     if arch is None and getattr(model, "factories", None) is not None:  # the factories the model was built with
         arch = {k: component_spec(v) for k, v in model.factories.items()}
@@ -81,9 +82,11 @@ def save_pretrained(model: nn.Module, out: str | os.PathLike, arch: dict[str, An
                           "checkpoint's ['haipai']['arch'])")
     spec = getattr(model, "quant_spec", None)
     tensors, aliases = _dedupe({PREFIX + k: v for k, v in model.state_dict().items()})
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # new and ours: safe to remove
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; an export directory gets the usual permissions
     try:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "haipai": FORMAT})
         if tokenizer_json:
@@ -117,8 +120,8 @@ def save_pretrained(model: nn.Module, out: str | os.PathLike, arch: dict[str, An
         }
         (tmp / "config.json").write_text(json.dumps(config, indent=2))  # last: its presence = complete
         if out.exists():  # overwrite: move the old export aside first, so the rename is atomic
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old)  # onto the empty directory we just made
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -127,6 +130,33 @@ def save_pretrained(model: nn.Module, out: str | os.PathLike, arch: dict[str, An
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def check_replaceable(out: Path, overwrite: bool) -> None:
+    """May an export be written at `out`? Haipai never deletes what it did not write: an existing path is
+    replaced only with overwrite, only when it is a complete Haipai export, and only when it holds
+    nothing but the files that export wrote."""
+    if out == Path.cwd() or out in Path.cwd().parents or out.parent == out:
+        raise ConfigError(f"--out {str(out)!r} is the current directory or one above it; give a new directory, "
+                          "e.g. --out exports/my_model")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not overwrite:
+        raise ConfigError(f"--out {str(out)!r} exists; pass --overwrite true to replace the Haipai export there, "
+                          "or choose another --out")
+    if out.is_symlink() or not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is not a directory; --overwrite replaces only a Haipai export")
+    try:
+        meta = json.loads((out / "config.json").read_text())["haipai"]
+        ours = set(meta["files"]) | {"config.json"}
+        assert meta["format"] == FORMAT
+    except Exception:
+        raise ConfigError(f"--out {str(out)!r} is not a Haipai export (no config.json of format {FORMAT}); "
+                          "Haipai never deletes what it did not write: choose another --out") from None
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in ours)
+    if foreign:
+        raise ConfigError(f"--out {str(out)!r} holds files the export did not write ({', '.join(foreign[:5])}); "
+                          "move them away or choose another --out: Haipai never deletes what it did not write")
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -144,7 +174,12 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     except Exception as e:
         raise ConfigError(f"{str(cfg_file)!r} is not a {FORMAT} config ({type(e).__name__}: {e}); "
                           "re-run `haipai export`") from e
-    for name, info in meta["files"].items():
+    files = meta.get("files")
+    if not isinstance(files, dict) or not all(isinstance(n, str) and n == Path(n).name and n not in ("", ".", "..")
+                                              for n in files):
+        raise ConfigError(f"{str(cfg_file)!r}: its file list is malformed (names must be plain file names); "
+                          "re-run `haipai export`")
+    for name, info in files.items():
         f = path / name
         if not f.is_file():
             raise ConfigError(f"export {str(path)!r} is incomplete: {name} is missing; re-run `haipai export`")
@@ -169,16 +204,23 @@ def load_pretrained(path: str | os.PathLike, map_location: str = "cpu") -> tuple
 
     path = Path(path)
     meta = read_config(path)
-    arch = meta["arch"]
+    # config.json is not covered by its own hashes: its architecture is checked like a checkpoint's
+    arch = normalize_arch(meta.get("arch"), f"export {str(path)!r}")
     model = HaipaiModel(ModelConfig.from_dict(arch["config"]),
-                        *(build_component(arch.get(k)) for k in ("mixer", "mlp", "router")))
+                        *(build_component(arch.get(k), f"export model.{k}") for k in COMPONENTS))
     if meta.get("quantization"):
-        quantize_model(model, QuantSpec.from_dict(meta["quantization"]), inplace=True, structure_only=True)
+        try:
+            qspec = QuantSpec.from_dict(meta["quantization"])
+        except (TypeError, KeyError, ValueError) as e:
+            raise ConfigError(f"export {str(path)!r}: its quantization spec is malformed ({e}); re-run `haipai export`") from e
+        quantize_model(model, qspec, inplace=True, structure_only=True)
     try:
         tensors = load_file(str(path / WEIGHTS), device=map_location)
     except (SafetensorError, OSError, ValueError) as e:
         raise ConfigError(f"{str(path / WEIGHTS)!r} cannot be read ({e}); re-run `haipai export`") from e
-    for alias, stored in meta.get("aliases", {}).items():
+    for alias, stored in (meta.get("aliases") or {}).items():
+        if stored not in tensors:
+            raise ConfigError(f"export {str(path)!r}: alias {alias!r} names a missing tensor; re-run `haipai export`")
         tensors[alias] = tensors[stored]
     state = {k.removeprefix(PREFIX): v for k, v in tensors.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)

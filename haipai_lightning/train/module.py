@@ -26,7 +26,7 @@ from torchmetrics.text import Perplexity
 
 from haipai_lightning.grow.arch import replay_arch
 from haipai_lightning.io.arch import COMPONENTS, arch_diff, build_model, make_arch
-from haipai_lightning.io.checkpoint import CHECKPOINT_KEY
+from haipai_lightning.io.checkpoint import CHECKPOINT_KEY, load_checkpoint_file
 from haipai_lightning.io.loader import checkpoint_meta
 from haipai_lightning.io.spec import build_component, component_spec
 from haipai_lightning.config import ConfigError, ModelConfig
@@ -151,7 +151,17 @@ class MoRLightningModule(L.LightningModule):
 
     # ---------------------------------------------------------------- optim
     def configure_optimizers(self) -> Any:
-        opt = self.optimizer_factory(param_groups(self.model))
+        for name, f in (("optimizer", self.optimizer_factory), ("lr_scheduler", self.scheduler_factory)):
+            if f is not None and not callable(f):  # e.g. a spec dict read back from a checkpoint's hyperparameters
+                raise ConfigError(f"model.{name} is {f!r}, a spec read from a file: Haipai does not import what a "
+                                  f"file names; pass {name}= a class or callable (the YAML's model.{name})")
+        try:
+            opt = self.optimizer_factory(param_groups(self.model))
+        except ValueError as e:  # torch's own checks: "Invalid learning rate: -1.0", betas, eps, ...
+            field = next((f for k, f in (("learning rate", "lr"), ("beta", "betas"), ("epsilon", "eps"),
+                                          ("weight_decay", "weight_decay")) if k in str(e)), None)
+            where = f"model.optimizer.init_args.{field}" if field else "model.optimizer.init_args"
+            raise ConfigError(f"{where}: {e}; fix it in the config or on the command line") from e
         if self.scheduler_factory is None:
             return opt
         sched = self.scheduler_factory(opt)
@@ -176,6 +186,28 @@ class MoRLightningModule(L.LightningModule):
                 f"data.seq_len={seq_len} exceeds model.config.max_seq_len={self.config.max_seq_len}; "
                 "raise max_seq_len or lower seq_len"
             )
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, map_location: Any = None, hparams_file: Any = None,
+                             strict: bool | None = None, **kwargs: Any) -> "MoRLightningModule":
+        """Lightning's load_from_checkpoint, minus what would run code named by the file.
+
+        Lightning imports and calls the `_instantiator` a checkpoint's hyper_parameters name (LightningCLI
+        writes one) and builds the module from the saved hyperparameters. Here the file is read with
+        weights_only=True, `_instantiator` / `_class_path` are dropped, and the module is built from plain
+        data: component specs resolve through the allowlist, optimizer / scheduler specs stay data.
+        """
+        import io
+
+        kwargs.pop("weights_only", None)  # always True here
+        ckpt = load_checkpoint_file(checkpoint_path, map_location or "cpu")
+        hp = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if not k.startswith("_")}
+        ckpt["hyper_parameters"] = hp
+        buf = io.BytesIO()
+        torch.save(ckpt, buf)
+        buf.seek(0)
+        return super().load_from_checkpoint(buf, map_location=map_location, hparams_file=hparams_file,
+                                            strict=strict, weights_only=True, **kwargs)
 
     def on_fit_start(self) -> None:
         n = self.model.num_parameters()
