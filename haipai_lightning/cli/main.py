@@ -25,7 +25,7 @@ from haipai_lightning.io.loader import checkpoint_meta
 from haipai_lightning.io.spec import component_spec
 from haipai_lightning.config import ConfigError
 from haipai_lightning.cli import eval as evaluate
-from haipai_lightning.cli import export, generate, quantize, visualize
+from haipai_lightning.cli import export, generate, quantize, serve, visualize
 from haipai_lightning.train.module import MoRLightningModule
 
 # `haipai fit --help` shows the attribute docstrings of ModelConfig's fields.
@@ -173,6 +173,7 @@ def _subcommands() -> dict[str, Callable[..., Any]]:
         "eval": evaluate.eval_command,
         "quantize": quantize.quantize_command,
         "export": export.export_command,
+        "serve": serve.serve_command,
     }
 
 

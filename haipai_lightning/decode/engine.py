@@ -19,6 +19,10 @@ A token of recursion depth d thus costs d ticks.
 Per-request compute budgets cap the mean recursion depth of the generated tokens. Mixture-of-Depths
 layers run through their gates (`HaipaiModel._mod`, the causal 0.5 threshold), in the prelude / coda
 and, in a vanilla Nr=1 model whose layers all form the "shared" block, in the block pass.
+
+A request can be cancelled from any thread (`Engine.cancel`, e.g. when an HTTP client of `haipai serve`
+disconnects): the flag is read at the start of the next tick, which drops the request from the queue or
+frees its slot for the next request.
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ class Request:
     eos_id: int | None = None
     output: list[int] = field(default_factory=list)
     depths: list[int] = field(default_factory=list)  # recursion steps each generated token ran
+    # "stop" (eos_id sampled), "length" (max_new_tokens reached) or "cancelled"; None while it runs
+    # (the names of the OpenAI API's finish_reason, which haipai serve reports)
+    finish_reason: str | None = None
+    cancelled: bool = False  # set by Engine.cancel (any thread); the engine acts on it at its next tick
 
 
 class _Apps:
@@ -108,7 +116,7 @@ class Engine:
         self.rstate: torch.Tensor | None = None  # (S, m) the router's per-token decode state (router.decode_start)
         self.allowed = torch.full((self.S,), self.nr, dtype=torch.long, device=dev)
         self.generators: list[torch.Generator | None] = [None] * self.S
-        self.stats = {"ticks": 0, "block_passes": 0, "block_tokens": 0, "tokens": 0}
+        self.stats = {"ticks": 0, "block_passes": 0, "block_tokens": 0, "tokens": 0, "cancelled": 0}
 
     # -------------------------------------------------------------- public API
     def submit(self, req: Request) -> Request:
@@ -118,6 +126,19 @@ class Engine:
             raise ValueError(f"prompt + max_new_tokens exceeds the engine's max_len={self.L}")
         self.queue.append(req)
         return req
+
+    def cancel(self, req: Request) -> None:
+        """Stop `req` (queued or in flight) at the next tick and free its slot; safe from any thread.
+
+        Only a flag is written here (one attribute store, atomic under the GIL); the engine's own thread
+        removes the request in `_reap` at the start of its next tick, so no slot state is touched while a
+        tick runs. Cancelling a finished request does nothing.
+        """
+        req.cancelled = True
+
+    def active(self) -> int:
+        """Requests holding a slot."""
+        return sum(r is not None for r in self.slot_req)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 64, **kw) -> list[list[int]]:
         reqs = [self.submit(Request(list(p), max_new_tokens, **kw)) for p in prompts]
@@ -133,15 +154,17 @@ class Engine:
                 raise RuntimeError(f"Engine made no progress in a tick ({len(self.queue)} queued, slot stages "
                                    f"{self.stage.tolist()}, max_batch={self.S})")
 
-    def _progress(self) -> tuple[int, int, int]:
-        """(queued requests, tokens emitted, block-pass tokens): a tick with any request in flight emits a
-        token or runs a block pass (a prelude leads to one of them in the same tick); admitting shrinks the queue."""
-        return len(self.queue), self.stats["tokens"], self.stats["block_tokens"]
+    def _progress(self) -> tuple[int, int, int, int]:
+        """(queued requests, tokens emitted, block-pass tokens, cancelled): a tick with any request in flight
+        emits a token or runs a block pass (a prelude leads to one of them in the same tick); admitting shrinks
+        the queue; reaping a cancelled request frees its slot."""
+        return len(self.queue), self.stats["tokens"], self.stats["block_tokens"], self.stats["cancelled"]
 
     # ------------------------------------------------------------------ a tick
     @torch.no_grad()
     def tick(self) -> None:
         self.stats["ticks"] += 1
+        self._reap()
         self._admit()
         pre = (self.stage == PRE).nonzero().flatten()
         if len(pre):
@@ -153,6 +176,19 @@ class Engine:
         post = (self.stage == POST).nonzero().flatten()
         if len(post):
             self._finish(post)
+
+    def _reap(self) -> None:
+        """Drop cancelled requests: from the queue, and from their slots (freed for `_admit` right after)."""
+        if any(r.cancelled for r in self.queue):
+            for r in [r for r in self.queue if r.cancelled]:
+                r.finish_reason = r.finish_reason or "cancelled"
+                self.stats["cancelled"] += 1
+            self.queue = deque(r for r in self.queue if not r.cancelled)
+        for s, req in enumerate(self.slot_req):
+            if req is not None and req.cancelled:
+                req.finish_reason = req.finish_reason or "cancelled"
+                self.stats["cancelled"] += 1
+                self.slot_req[s], self.stage[s] = None, DONE
 
     def _admit(self) -> None:
         by_len: dict[int, list[int]] = {}  # prompt length -> newly filled slots
@@ -283,7 +319,11 @@ class Engine:
             nxt = argmax[i] if greedy else int(sample_next(logits[i : i + 1].float(), req.sampling, self.generators[s]))
             req.output.append(nxt)
             self.stats["tokens"] += 1
-            if len(req.output) >= req.max_new_tokens or (req.eos_id is not None and nxt == req.eos_id):
+            if req.eos_id is not None and nxt == req.eos_id:
+                req.finish_reason = "stop"
+            elif len(req.output) >= req.max_new_tokens:
+                req.finish_reason = "length"
+            if req.finish_reason is not None:
                 self.slot_req[s], self.stage[s] = None, DONE
             else:
                 self.tok[s], self.stage[s] = nxt, PRE
