@@ -7,6 +7,13 @@ haipai_lightning.quant.methods.METHODS and evaluated on the same validation bloc
 before / after, model.safetensors size before / after, greedy batch-1 decode tokens/s before /
 after (haipai_lightning/quant_report.py).
 
+Calibrated methods (issue #22) are calibrated on training batches (never the validation blocks):
+int4 / int3 round-to-nearest vs GPTQ (arXiv 2210.17323) vs GuidedQuant (arXiv 2505.07004), and
+W4A4KV4 with QuaRot's random Hadamard vs SpinQuant's learned rotation (arXiv 2405.16406). Goals
+(printed and stored under "goals"): GPTQ < RTN and GuidedQuant <= GPTQ at 3 bits, learned <= random
+rotation. `--quick`: one smaller model (d=96, 5 layers, 40 steps, sequences of 64), 2 validation
+batches, the issue's methods only, 8 decode tokens once: about a minute on 2 cores.
+
     python benchmarks/quantization.py [--quick] [--json out.json] [--threads 1]
 """
 
@@ -32,6 +39,24 @@ SHAPES = {
     "quickstart": dict(d_model=192, n_layers=5, n_heads=4, n_kv_heads=2, ffn_hidden=512),
     "larger": dict(d_model=384, n_layers=8, n_heads=6, n_kv_heads=2, ffn_hidden=1024),
 }
+QUICK_SHAPES = {"quick": dict(d_model=96, n_layers=5, n_heads=4, n_kv_heads=2, ffn_hidden=192)}
+QUICK_METHODS = ["int4", "int4_gptq", "int3_rtn", "int3_gptq", "int3_guided", "w4a4kv4", "w4a4kv4_spinquant"]
+HEADLINE = {"int8": "int8", "int4": "int4", "int4_rotated": "int4_rotated", "w4a4": "w4a4",
+            "w4a4_rotated": "w4a4_rotated", "w4a4kv4": "w4a4kv4", "int4_gptq": "int4_gptq",
+            "int4_guided": "int4_guided", "int3_rtn": "int3_rtn", "int3_gptq": "int3_gptq",
+            "int3_guided": "int3_guided", "w4a4kv4_hadamard": "w4a4kv4", "w4a4kv4_spinquant": "w4a4kv4_spinquant"}
+
+
+def goals(h: dict, prefix: str = "") -> dict[str, bool]:
+    g = lambda k: h.get(f"{prefix}ppl_{k}")  # noqa: E731
+    out = {}
+    if g("int3_gptq") is not None and g("int3_rtn") is not None:
+        out[f"{prefix}gptq_lt_rtn_int3"] = g("int3_gptq") < g("int3_rtn")
+    if g("int3_guided") is not None and g("int3_gptq") is not None:
+        out[f"{prefix}guided_le_gptq_int3"] = g("int3_guided") <= g("int3_gptq")
+    if g("w4a4kv4_spinquant") is not None and g("w4a4kv4_hadamard") is not None:
+        out[f"{prefix}spinquant_le_hadamard"] = g("w4a4kv4_spinquant") <= g("w4a4kv4_hadamard")
+    return out
 
 
 def train(model: HaipaiModel, dm: TextDataModule, steps: int, lr: float = 3e-3) -> float:
@@ -59,38 +84,55 @@ def train(model: HaipaiModel, dm: TextDataModule, steps: int, lr: float = 3e-3) 
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--steps", type=int, nargs=2, default=None, help="training steps of the two models")
-    p.add_argument("--val_batches", type=int, default=None, help="validation batches of 16 x 128 tokens")
+    p.add_argument("--steps", type=int, nargs="+", default=None, help="training steps of the models")
+    p.add_argument("--val_batches", type=int, default=None, help="validation batches of 16 blocks")
+    p.add_argument("--calib_batches", type=int, default=None, help="training batches the calibrated methods use")
     args = p.parse_args()
-    steps = args.steps or ([60, 30] if args.quick else [200, 100])
-    val_n = args.val_batches or (3 if args.quick else 10)
-    dm = TextDataModule(source="kjv", seq_len=128, batch_size=16, vocab_size=4096)
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    seq = 64 if args.quick else 128
+    steps = args.steps or ([40] if args.quick else [200, 100])
+    val_n = args.val_batches or (2 if args.quick else 10)
+    calib_n = args.calib_batches or (2 if args.quick else 4)
+    dm = TextDataModule(source="kjv", seq_len=seq, batch_size=16, vocab_size=4096)
     dm.prepare_data()
     dm.setup("fit")
     val = [b for _, b in zip(range(val_n), dm.val_dataloader())]
-    methods = [m for m in METHODS if m != "fp32"]
+    methods = QUICK_METHODS if args.quick else [m for m in METHODS if m != "fp32"]
+    new_tokens, reps = (8, 1) if args.quick else (32, 3)
     rows, headline, info = [], {}, {}
-    for (name, shape), n in zip(SHAPES.items(), steps):
+    t_start = time.perf_counter()
+    for (name, shape), n in zip(shapes.items(), steps):
         torch.manual_seed(0)
-        cfg = ModelConfig(vocab_size=4096, max_seq_len=128, n_recursions=3, sharing="middle_cycle", **shape)
+        cfg = ModelConfig(vocab_size=4096, max_seq_len=seq, n_recursions=3, sharing="middle_cycle", **shape)
         model = HaipaiModel(cfg, router=ExpertChoiceRouter)
         secs = train(model, dm, n)
+        it = iter(dm.train_dataloader())
+        calib = [{k: v[:8] for k, v in next(it).items()} for _ in range(calib_n)]  # training text, 8 blocks each
         params = model.num_parameters()["unique"]
         print(f"{name}: {params / 1e6:.2f}M unique parameters, trained {n} steps in {secs:.0f} s", flush=True)
-        reports = evaluate_methods(model.eval(), methods, val, new_tokens=32, reps=3)
-        info[name] = {"unique_params": params, "train_steps": n, "train_s": secs}
+        t0 = time.perf_counter()
+        reports = evaluate_methods(model.eval(), methods, val, new_tokens=new_tokens, reps=reps, calib=calib)
+        info[name] = {"unique_params": params, "train_steps": n, "train_s": secs,
+                      "quantize_and_eval_s": time.perf_counter() - t0}
         for r in reports:
             rows.append({"model": name, **r.as_row()})
-        prefix = "" if name == "quickstart" else f"{name}_"
+        prefix = "" if name in ("quickstart", "quick") else f"{name}_"
         by = {r.method: r for r in reports}
         headline[f"{prefix}ppl_fp32"] = reports[0].ppl_before
-        for m in ("int8", "int4", "int4_rotated", "w4a4", "w4a4_rotated", "w4a4kv4"):
-            headline[f"{prefix}ppl_{m}"] = by[m].ppl_after
+        for key, m in HEADLINE.items():
+            if m in by:
+                headline[f"{prefix}ppl_{key}"] = by[m].ppl_after
         print(table([{"model": name, **r.as_row()} for r in reports], ["model", *COLUMNS]), flush=True)
         # written after each model, so a long run that is stopped keeps what it measured
-        write_json(args.json, headline, rows=rows, models=info, val_blocks=val_n * 16, steps=steps)
+        write_json(args.json, headline, rows=rows, models=info, val_blocks=val_n * 16, steps=steps,
+                   goals=goals(headline, prefix))
+    all_goals = {k: v for name in shapes for k, v in
+                 goals(headline, "" if name in ("quickstart", "quick") else f"{name}_").items()}
+    write_json(args.json, headline, rows=rows, models=info, val_blocks=val_n * 16, steps=steps, goals=all_goals,
+               total_s=time.perf_counter() - t_start)
     print(table(rows, ["model", *COLUMNS]))
     print("headline:", {k: round(v, 3) for k, v in headline.items()})
+    print("goals:", all_goals)
 
 
 if __name__ == "__main__":

@@ -83,8 +83,12 @@ def decode_tokens_per_s(models: list[nn.Module], prompt: torch.Tensor, new_token
 
 
 def evaluate_methods(model: nn.Module, methods: list[str], batches: list[dict[str, torch.Tensor]],
-                     prompt: torch.Tensor | None = None, new_tokens: int = 32, reps: int = 3) -> list[MethodReport]:
-    """One MethodReport per method, against the fp32 model (which is not modified)."""
+                     prompt: torch.Tensor | None = None, new_tokens: int = 32, reps: int = 3,
+                     calib: list[dict[str, torch.Tensor]] | None = None) -> list[MethodReport]:
+    """One MethodReport per method, against the fp32 model (which is not modified).
+
+    calib: calibration batches for the calibrated methods (GPTQ, GuidedQuant, SpinQuant); never the
+    evaluation batches. None: sequences sampled from the model itself (quant/calibration.py)."""
     model = model.eval()
     prompt = batches[0]["input_ids"][:1, :16] if prompt is None else prompt
     new_tokens = min(new_tokens, model.cfg.max_seq_len - prompt.size(1))
@@ -93,7 +97,7 @@ def evaluate_methods(model: nn.Module, methods: list[str], batches: list[dict[st
     rows = []
     for name in methods:
         spec = get_method(name)
-        q = quantize_model(model, spec)
+        q = quantize_model(model, spec, calib=calib)
         ppl = perplexity(q, batches)
         before, after = decode_tokens_per_s([model, q], prompt, new_tokens, reps)  # fp32 timed beside it
         rows.append(MethodReport(

@@ -29,6 +29,7 @@ WEIGHT_ONLY_ARGS = {
     "upcycle_to_moe": {"router_std", "seed"},
     "hyperclone": {"noise_snr_db", "seed"},
     "gstack": {"how"},
+    "lesa": {"hidden", "steps", "seed"},
 }
 OPS = tuple(WEIGHT_ONLY_ARGS)
 
@@ -41,7 +42,7 @@ def check_op(op: str, args: dict[str, Any], where: str = "growth op") -> None:
     """Fail fast on an unknown op or argument (before any training)."""
     if op not in OPS:
         raise ConfigError(f"{where}: op={op!r} is unknown; use one of {', '.join(OPS)}")
-    fn = {"upcycle_to_moe": _upcycle, "hyperclone": _hyperclone, "gstack": _gstack}[op]
+    fn = _FNS[op]
     params = inspect.signature(fn).parameters
     if op == "upcycle_to_moe":  # its **moe_args go to TokenChoiceMoE: check them against its signature now
         known = (set(inspect.signature(TokenChoiceMoE).parameters) - {"cfg", "expert_hidden"}) | WEIGHT_ONLY_ARGS[op]
@@ -59,7 +60,7 @@ def grow_arch(arch: Arch, op: str, args: dict[str, Any]) -> Arch:
     """The architecture after `op(**args)` (pure: `arch` is not modified)."""
     check_op(op, args)
     shape_args = {k: v for k, v in args.items() if k not in WEIGHT_ONLY_ARGS[op]}
-    fn = {"upcycle_to_moe": _upcycle, "hyperclone": _hyperclone, "gstack": _gstack}[op]
+    fn = _FNS[op]
     new = fn(copy.deepcopy(arch), **shape_args)
     ModelConfig.from_dict(new["config"])  # validates
     return new
@@ -159,6 +160,14 @@ def _gstack(arch: Arch, extra_layers: int | None = None, factor: int | None = No
         if isinstance(th, (list, tuple)) and len(th) > 1:  # one p per unique layer: copies keep their source's p
             mlp["init_args"]["threshold"] = [th[i] for i in src]
     return arch
+
+
+def _lesa(arch: Arch, extra_layers: int = 1) -> Arch:
+    """LESA inserts `extra_layers` predicted layers after the shared block's last one: gstack's shape."""
+    return _gstack(arch, extra_layers=extra_layers)
+
+
+_FNS = {"upcycle_to_moe": _upcycle, "hyperclone": _hyperclone, "gstack": _gstack, "lesa": _lesa}
 
 
 def _issub(a: Any, b: type) -> bool:

@@ -59,12 +59,13 @@ from torch import nn
 from haipai_lightning.config import ConfigError
 from haipai_lightning.io.arch import arch_of, build_model
 from haipai_lightning.grow.arch import grow_arch, gstack_layer_map
+from haipai_lightning.grow.lesa import LESA, block_tensors
 from haipai_lightning.model.mlps.dense import SwiGLU
 from haipai_lightning.model.mlps.experts import Experts
 from haipai_lightning.model.decoder import HaipaiModel
 
 # default tolerance of the preservation check, relative to max |logits| (None: not function preserving)
-DEFAULT_TOLERANCE = {"upcycle_to_moe": 1e-5, "hyperclone": 1e-4, "gstack": None}
+DEFAULT_TOLERANCE = {"upcycle_to_moe": 1e-5, "hyperclone": 1e-4, "gstack": None, "lesa": None}
 HYPERCLONE_NOISE_BOUND = 1e-4  # documented max relative |delta logits| with noise, SNR >= 10 dB
 
 
@@ -97,7 +98,7 @@ class GrowthReport:
 def grow(model: HaipaiModel, op: str, args: dict[str, Any] | None = None,
          probe: torch.Tensor | None = None) -> tuple[HaipaiModel, GrowthReport]:
     """Dispatch by name: grow(model, "hyperclone", {"width_factor": 2})."""
-    fns = {"upcycle_to_moe": upcycle_to_moe, "hyperclone": hyperclone, "gstack": gstack}
+    fns = {"upcycle_to_moe": upcycle_to_moe, "hyperclone": hyperclone, "gstack": gstack, "lesa": lesa}
     if op not in fns:
         raise ConfigError(f"growth op={op!r} is unknown; use one of {', '.join(fns)}")
     return fns[op](model, probe=probe, **(args or {}))
@@ -243,6 +244,28 @@ def gstack(model: HaipaiModel, extra_layers: int | None = None, factor: int | No
                 if isinstance(mod, Experts):
                     sd[p + "w2"] = torch.zeros_like(sd[p + "w2"])
     return _finish(model, new, sd, pmap, "gstack", args, probe)
+
+
+def lesa(model: HaipaiModel, extra_layers: int = 1, hidden: int = 16, steps: int = 100, seed: int = 0,
+         probe: torch.Tensor | None = None) -> tuple[HaipaiModel, GrowthReport]:
+    """LESA (arXiv 2502.13794; grow/lesa.py): gstack(extra_layers)'s shape, but each new layer of the shared
+    block is predicted from its neighbours (the block's last layer, or the previous new one, and the layer
+    that follows the block: the coda's first, or the block's first under a cycle without coda) by an SVD +
+    MLP fitted on the model's consecutive unique layers. Not function preserving: the report measures it."""
+    args = {"extra_layers": extra_layers, **{k: v for k, v, d in (("hidden", hidden, 16), ("steps", steps, 100),
+                                                                    ("seed", seed, 0)) if v != d}}
+    grown, rep = gstack(model, extra_layers=extra_layers, how="copy", probe=probe)
+    s_old, s_new = model.schedule, grown.schedule
+    old_sd = model.state_dict()
+    seq = [block_tensors(old_sd, i) for i in list(s_old.prelude) + list(s_old.shared) + list(s_old.coda)]
+    predictor = LESA(seq, hidden=hidden, steps=steps, seed=seed)
+    sd = {k: v.clone() for k, v in grown.state_dict().items()}
+    prev = block_tensors(old_sd, s_old.shared[-1])
+    nxt = block_tensors(old_sd, s_old.coda[0] if len(s_old.coda) else s_old.shared[0])
+    for j in list(s_new.shared)[len(s_old.shared):]:
+        prev = predictor.predict(prev, nxt)
+        sd.update({f"layers.{j}.{k}": v for k, v in prev.items()})
+    return _finish(model, _build(model, "lesa", args), sd, rep.param_map, "lesa", args, probe)
 
 
 # ---------------------------------------------------------------------------------- shared
