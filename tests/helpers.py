@@ -40,3 +40,31 @@ def tiny_config(**overrides):
     from haipai_lightning.config import ModelConfig
 
     return ModelConfig(**{**TINY, **overrides})
+
+
+def train_on_kjv(make_model: Callable[[], torch.nn.Module], steps: int, lr: float = 3e-3):
+    """A small model trained briefly on King James Bible text (seq 64, batch 8, BPE 1024, 120 documents):
+    seeds, builds the data, then `make_model()`, then `steps` AdamW steps on LM + aux losses.
+
+    Returns (model in eval mode, the training batch iterator where it stopped, the data module)."""
+    import os
+
+    from datamodules import TextDataModule
+
+    torch.manual_seed(0)
+    dm = TextDataModule(source="kjv", seq_len=64, batch_size=8, vocab_size=1024, max_documents=120,
+                        cache_dir=os.environ.get("HAIPAI_TEST_CACHE", ".haipai_cache"))
+    dm.prepare_data()
+    dm.setup("fit")
+    m = make_model()
+    opt = torch.optim.AdamW(m.parameters(), lr=lr)
+    it = iter(dm.train_dataloader())
+    m.train()
+    for _ in range(steps):
+        b = next(it)
+        out = m(b["input_ids"])
+        loss = F.cross_entropy(out.logits.flatten(0, 1), b["labels"].flatten()) + sum(out.aux_losses.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return m.eval(), it, dm

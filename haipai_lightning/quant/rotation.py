@@ -99,8 +99,19 @@ def rotate_model(model: nn.Module, seed: int = 0, heads: bool = True) -> torch.T
     (and, with `heads`, values / attention outputs per head). Returns Q. The function is unchanged."""
     fuse_norm_gains(model)
     untie(model)  # E Q for the embedding, E diag(g) Q for the head: two matrices
-    D = model.cfg.d_model
-    Q = random_orthogonal(D, seed)  # float64 (D, D)
+    Q = random_orthogonal(model.cfg.d_model, seed)  # float64 (D, D)
+    R = random_orthogonal(model.cfg.head_dim, seed + 1) if heads else None  # (hd, hd)
+    fuse_rotation(model, Q, R)
+    return Q
+
+
+@torch.no_grad()
+def fuse_rotation(model: nn.Module, Q: torch.Tensor, R: torch.Tensor | None = None) -> None:
+    """Fuse a residual-stream rotation Q (D, D) (and a per-head value rotation R (hd, hd)) into a model
+    whose norm gains are fused. Exact in fp32: the function is unchanged. Used with random Hadamards
+    (rotate_model) and with learned rotations (spinquant.py)."""
+    untie(model)
+    Q = Q.double()
 
     def read(lin: nn.Linear) -> None:  # y = x W^T, x -> x Q  =>  W <- W Q
         lin.weight.copy_((lin.weight.double() @ Q).to(lin.weight.dtype))
@@ -119,12 +130,10 @@ def rotate_model(model: nn.Module, seed: int = 0, heads: bool = True) -> torch.T
     for lin in _router_readers(model):
         read(lin)
     read(model.head)
-    if heads:
-        R = random_orthogonal(model.cfg.head_dim, seed + 1)  # (hd, hd)
+    if R is not None:
         for layer in model.layers:
             if layer.mixer.cache_kind == "kv":  # attention: rotate values and wo's inputs per head
-                rotate_values(layer.mixer, R)
-    return Q
+                rotate_values(layer.mixer, R.double())
 
 
 @torch.no_grad()

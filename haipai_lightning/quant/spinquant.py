@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from haipai_lightning.quant.hadamard import hadamard, has_hadamard, random_orthogonal
-from haipai_lightning.quant.rotation import _io, _router_readers, rotate_values, untie
+from haipai_lightning.quant.rotation import _io, _router_readers, fuse_rotation, untie
 from haipai_lightning.model.mlps.dense import SwiGLU
 
 
@@ -201,27 +201,4 @@ def learn_rotation(model: nn.Module, batches: list[dict], w_bits: int | None, a_
 def apply_rotation(model: nn.Module, Q: torch.Tensor, R: torch.Tensor | None) -> None:
     """Fuse R1 = Q (and R2 = R per head) into a model whose norm gains are fused: rotation.rotate_model's
     weight algebra with given rotations. The fp32 function is unchanged."""
-    untie(model)
-    Q = Q.double()
-
-    def read(lin: nn.Module) -> None:
-        lin.weight.copy_((lin.weight.double() @ Q).to(lin.weight.dtype))
-
-    def write(lin: nn.Module) -> None:
-        lin.weight.copy_((Q.T @ lin.weight.double()).to(lin.weight.dtype))
-
-    model.embed.weight.copy_((model.embed.weight.double() @ Q).to(model.embed.weight.dtype))
-    for layer in model.layers:
-        for part, what in ((layer.mixer, "mixer"), (layer.mlp, "MLP")):
-            readers, writers = _io(part, what)
-            for lin in readers:
-                read(lin)
-            for lin in writers:
-                write(lin)
-    for lin in _router_readers(model):
-        read(lin)
-    read(model.head)
-    if R is not None:
-        for layer in model.layers:
-            if layer.mixer.cache_kind == "kv":
-                rotate_values(layer.mixer, R.double())
+    fuse_rotation(model, Q, R)

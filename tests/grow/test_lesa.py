@@ -13,29 +13,14 @@ from haipai_lightning.grow.ops import grow, gstack, lesa
 from haipai_lightning.io.arch import arch_of, build_model
 from haipai_lightning.model.decoder import HaipaiModel
 from haipai_lightning.model.routing.expert_choice import ExpertChoiceRouter
+from helpers import train_on_kjv
 
 
 @pytest.fixture(scope="module")
 def trained_deep():
     """A vanilla 8-layer model (d=64) trained briefly on King James Bible text."""
-    from datamodules import TextDataModule
-
-    torch.manual_seed(0)
-    dm = TextDataModule(source="kjv", seq_len=64, batch_size=8, vocab_size=1024, max_documents=120,
-                        cache_dir=os.environ.get("HAIPAI_TEST_CACHE", ".haipai_cache"))
-    dm.prepare_data()
-    dm.setup("fit")
-    m = HaipaiModel(ModelConfig(vocab_size=1024, d_model=64, n_layers=8, n_heads=4, n_kv_heads=2, ffn_hidden=128,
-                                max_seq_len=64))
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    it = iter(dm.train_dataloader())
-    for _ in range(40):
-        b = next(it)
-        loss = F.cross_entropy(m(b["input_ids"]).logits.flatten(0, 1), b["labels"].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return m.eval()
+    return train_on_kjv(lambda: HaipaiModel(ModelConfig(vocab_size=1024, d_model=64, n_layers=8, n_heads=4,
+                                                        n_kv_heads=2, ffn_hidden=128, max_seq_len=64)), steps=40)[0]
 
 
 def test_lesa_leave_one_layer_out_beats_copy_and_average(trained_deep):

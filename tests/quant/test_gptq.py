@@ -21,6 +21,7 @@ from haipai_lightning.quant.qexperts import QExperts
 from haipai_lightning.quant.qtensor import QuantizedWeight
 from haipai_lightning.quant.rotation import fuse_norm_gains
 from haipai_lightning.quant.spinquant import apply_rotation, learn_rotation
+from helpers import train_on_kjv
 
 V = 97
 
@@ -45,26 +46,9 @@ def test_gptq_with_unit_hessian_is_round_to_nearest_bit_for_bit(bits):
 @pytest.fixture(scope="module")
 def trained():
     """A small MoR model (d=64) trained briefly on King James Bible text; training / validation batches."""
-    from datamodules import TextDataModule
-
-    torch.manual_seed(0)
-    dm = TextDataModule(source="kjv", seq_len=64, batch_size=8, vocab_size=1024, max_documents=120,
-                        cache_dir=os.environ.get("HAIPAI_TEST_CACHE", ".haipai_cache"))
-    dm.prepare_data()
-    dm.setup("fit")
     cfg = ModelConfig(vocab_size=1024, d_model=64, n_layers=5, n_heads=4, n_kv_heads=2, ffn_hidden=128,
                       max_seq_len=64, n_recursions=3, sharing="middle_cycle")
-    m = HaipaiModel(cfg, router=ExpertChoiceRouter)
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    it = iter(dm.train_dataloader())
-    m.train()
-    for _ in range(40):
-        b = next(it)
-        out = m(b["input_ids"])
-        loss = F.cross_entropy(out.logits.flatten(0, 1), b["labels"].flatten()) + sum(out.aux_losses.values())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    m, it, dm = train_on_kjv(lambda: HaipaiModel(cfg, router=ExpertChoiceRouter), steps=40)
     calib = [next(it) for _ in range(2)]
     val = [b for _, b in zip(range(2), dm.val_dataloader())]
     return m.eval(), calib, val

@@ -20,6 +20,7 @@ from haipai_lightning.quant.methods import QuantSpec, quantize_model
 from haipai_lightning.quant.rotation import rotate_model
 from haipai_lightning.model.routing.expert_choice import ExpertChoiceRouter
 from haipai_lightning.model.routing.token_choice import TokenChoiceRouter
+from helpers import train_on_kjv
 
 V = 97
 
@@ -199,26 +200,9 @@ def test_rotation_beats_plain_int4_on_planted_activation_outliers():
 def trained():
     """The quickstart architecture (d=192, 5 layers, GQA 4/2, SwiGLU 512, MoR expert-choice Nr=3, tied)
     trained briefly on King James Bible text, with the validation blocks of the same data."""
-    from datamodules import TextDataModule
-
-    torch.manual_seed(0)
-    dm = TextDataModule(source="kjv", seq_len=64, batch_size=8, vocab_size=1024, max_documents=120,
-                        cache_dir=os.environ.get("HAIPAI_TEST_CACHE", ".haipai_cache"))
-    dm.prepare_data()
-    dm.setup("fit")
     cfg = ModelConfig(vocab_size=1024, d_model=192, n_layers=5, n_heads=4, n_kv_heads=2, ffn_hidden=512,
                       max_seq_len=128, n_recursions=3, sharing="middle_cycle")
-    m = HaipaiModel(cfg, router=ExpertChoiceRouter)
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    it = iter(dm.train_dataloader())
-    m.train()
-    for _ in range(30):
-        b = next(it)
-        out = m(b["input_ids"])
-        loss = F.cross_entropy(out.logits.flatten(0, 1), b["labels"].flatten()) + sum(out.aux_losses.values())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    m, _, dm = train_on_kjv(lambda: HaipaiModel(cfg, router=ExpertChoiceRouter), steps=30)
     val = [b for _, b in zip(range(3), dm.val_dataloader())]
     return m.eval(), val
 
