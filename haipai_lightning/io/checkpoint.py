@@ -5,7 +5,8 @@ the tokenizer. That is enough to rebuild the model without the YAML that trained
 only plain types, so every load uses `torch.load(weights_only=True)`; the component specs in it
 resolve through the allowlist of io/spec.py.
 
-Writing: AtomicCheckpointIO writes every checkpoint to a temporary file in the destination
+Writing (no Lightning here, so `haipai generate` / `serve` start without importing it; the Lightning
+CheckpointIO that uses these is io/checkpoint_io.py): every checkpoint is written to a temporary file in the destination
 directory, fsyncs it, renames it over the final name and fsyncs the directory, so a crash or
 SIGKILL at any moment leaves either the previous file or the new one, never a truncated one.
 """
@@ -14,44 +15,19 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 import shutil
+import warnings
 import socket
 from typing import Any
 
 import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from haipai_lightning.config import ConfigError
 
 CHECKPOINT_KEY = "haipai"
 
 
-class SafeCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint IO that always loads with weights_only=True (saves: see AtomicCheckpointIO)."""
-
-    def load_checkpoint(self, path, map_location=None, weights_only=None):  # type: ignore[override]
-        return load_checkpoint_file(path, map_location=map_location or "cpu")
-
-
-class AtomicCheckpointIO(SafeCheckpointIO):
-    """SafeCheckpointIO whose saves are crash-safe on local disks (the IO `haipai fit` installs).
-
-    Lightning's own save goes through an fsspec transaction that writes the temporary file in
-    TMPDIR and *moves* it: across filesystems (TMPDIR=/dev/shm) that move is a copy over the old
-    checkpoint, and a kill during it leaves a truncated file. Here the temporary file lives beside
-    the checkpoint (`.<name>.tmp-<host>-<pid>`), so the final step is one rename. Remote URLs
-    (s3://, ...) keep Lightning's fsspec path.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
-        local = _local_path(path)
-        if local is None or storage_options is not None:
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        atomic_save(checkpoint, local)
-
-
-def _local_path(path: str | os.PathLike) -> str | None:
+def local_path(path: str | os.PathLike) -> str | None:
     path = os.fspath(path)
     if path.startswith("file://"):
         return path[len("file://"):]
@@ -129,14 +105,6 @@ def atomic_link(target: str | os.PathLike, link: str | os.PathLike) -> None:
             shutil.copyfile(target, tmp)
 
     _replace_atomically(link, write)
-
-
-def link_checkpoint(trainer: Any, filepath: str, linkpath: str) -> None:
-    """ModelCheckpoint._link_checkpoint (save_last="link") through atomic_link: Lightning's removes last.ckpt
-    before it links (and copies where symlinks fail), so a kill between the two leaves no last.ckpt."""
-    if trainer.is_global_zero:
-        atomic_link(filepath, linkpath)
-    trainer.strategy.barrier()
 
 
 def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:

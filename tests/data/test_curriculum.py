@@ -13,7 +13,7 @@ from callbacks import CurriculumSwitch, DepthCurriculum
 from datamodules import TextDataModule
 from datamodules.curriculum import (CurriculumSampler, document_bounds, rare_word_rate, reference_loss,
                                     stage_documents)
-from haipai_lightning.io.checkpoint import SafeCheckpointIO
+from haipai_lightning.io.checkpoint_io import SafeCheckpointIO
 from haipai_lightning.config import ConfigError, ModelConfig
 from haipai_lightning.train.module import MoRLightningModule
 from haipai_lightning.model.routing.expert_choice import ExpertChoiceRouter

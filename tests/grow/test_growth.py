@@ -11,7 +11,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from callbacks import GrowthSchedule
 from callbacks.growth import GrowthError
 from datamodules import TextDataModule
-from haipai_lightning.io.checkpoint import SafeCheckpointIO, load_checkpoint_file
+from haipai_lightning.io.checkpoint import load_checkpoint_file
+from haipai_lightning.io.checkpoint_io import SafeCheckpointIO
 from haipai_lightning.config import ConfigError, ModelConfig
 from haipai_lightning.io.loader import load_model
 from haipai_lightning.grow.ops import HYPERCLONE_NOISE_BOUND, gstack, hyperclone, upcycle_to_moe

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from haipai_lightning.io.checkpoint import AtomicCheckpointIO, atomic_link, atomic_save, load_checkpoint_file
+from haipai_lightning.io.checkpoint import atomic_link, atomic_save, load_checkpoint_file
+from haipai_lightning.io.checkpoint_io import AtomicCheckpointIO
 from haipai_lightning.io.loader import load_model
 
 ROOT = Path(__file__).parents[2]

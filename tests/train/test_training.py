@@ -10,7 +10,8 @@ from functools import partial
 import torch
 
 from datamodules import TextDataModule
-from haipai_lightning.io.checkpoint import SafeCheckpointIO, load_checkpoint_file
+from haipai_lightning.io.checkpoint import load_checkpoint_file
+from haipai_lightning.io.checkpoint_io import SafeCheckpointIO
 from haipai_lightning.config import ConfigError, ModelConfig
 from haipai_lightning.train.module import MoRLightningModule
 from haipai_lightning.train.schedules import TrapezoidLR
