@@ -38,6 +38,9 @@ _EXPORTS: dict[str, str] = {
     "ExpertChoiceRouter": "model.routing.expert_choice", "TokenChoiceRouter": "model.routing.token_choice",
     "TopKGate": "model.routing.gate", "RouterRecord": "model.routing.record", "Selection": "model.routing.selection",
     "Attention": "model.mixers.attention", "Mamba": "model.mixers.mamba",
+    "MixtureOfHeadsAttention": "model.mixers.moh", "AdaptiveSpanAttention": "model.mixers.adaptive_span",
+    "DTRNetAttention": "model.mixers.dtrnet", "CoPEAttention": "model.mixers.cope",
+    "CoreContextAttention": "model.mixers.cca",
     "SwiGLU": "model.mlps.dense", "TokenChoiceMoE": "model.mlps.moe", "ExpertChoiceMoE": "model.mlps.moe",
     "AdaptiveTopPMoE": "model.mlps.moe", "MixtureOfTokens": "model.mlps.mot",
     # training

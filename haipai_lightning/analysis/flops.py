@@ -12,7 +12,9 @@ caps them); the output head. MoE / MoT: the router, plus the expert matmuls of t
 experts actually computed (the record's `expert_rows`: top-k assignments kept after capacity
 drops, expert-choice picks, MoT group mixtures). Mamba: its projections, the depthwise
 convolution and the scan (3 multiply-adds per state element and token), no attention pairs.
-Not counted: norms, activations, softmax (all O(d) per token, < 1% here).
+Token-routed attention (DTRNet): queries, keys and attention pairs for the routed fraction only (its
+record's routed_fraction, else its capacity; pairs scale by the fraction squared), values and output
+for every token. Not counted: norms, activations, softmax (all O(d) per token, < 1% here).
 """
 
 from __future__ import annotations
@@ -60,6 +62,21 @@ def expert_rows(model, records: list[RouterRecord]) -> dict[int, float]:
     return out
 
 
+def attention_fractions(model, records: list[RouterRecord]) -> dict[int, float]:
+    """Fraction of a layer application's tokens a token-routed attention (DTRNet: `attention_fraction`)
+    sent through attention, by application: from its records (`routed_fraction`), else its capacity."""
+    apps: dict[int, list[int]] = {}
+    for a, (layer_id, _) in enumerate(model.order):
+        apps.setdefault(layer_id, []).append(a)
+    out = {a: float(model.layers[i].mixer.attention_fraction) for a, (i, _) in enumerate(model.order)
+           if hasattr(model.layers[i].mixer, "attention_fraction")}
+    for rec in records:
+        if "routed_fraction" in rec.metrics and rec.layer is not None and rec.application is not None:
+            if rec.application < len(apps.get(rec.layer, ())):
+                out[apps[rec.layer][rec.application]] = float(rec.metrics["routed_fraction"])
+    return out
+
+
 def _nominal_experts(mlp: torch.nn.Module) -> float:
     """Experts per token of a routed MLP when no record says (e.g. inside a Mixture-of-Depths layer)."""
     if hasattr(mlp, "group_size"):  # Mixture-of-Tokens: E mixtures per group of G tokens
@@ -88,6 +105,7 @@ def forward_flops(model, records: list[RouterRecord], B: int, T: int) -> float:
     pos1 = torch.arange(1, T + 1)
     flops = 2.0 * B * T * cfg.d_model * cfg.vocab_size  # output head
     rows = expert_rows(model, records)
+    fractions = attention_fractions(model, records)
     for a, (layer_id, r) in enumerate(model.order):
         layer = model.layers[layer_id]
         mask = mod.get(a) if r is None else steps[r]
@@ -111,6 +129,10 @@ def forward_flops(model, records: list[RouterRecord], B: int, T: int) -> float:
                 pairs = float((pos1.clamp(max=w) * (mask if mask is not None else torch.ones(B, T))).sum())
             else:
                 pairs = float(_window_pairs(torch.ones(B, T, dtype=torch.bool) if mask is None else mask, w).sum())
+        if a in fractions:  # token-routed attention: queries, keys and pairs for the routed tokens only
+            f = fractions[a]
+            macs -= (1.0 - f) * (mixer.wq.weight.numel() + mixer.wk.weight.numel())
+            pairs *= f * f  # the routed tokens attend among themselves
         flops += 2.0 * tokens * macs + 2.0 * 2.0 * pairs * d_attn  # QK^T and AV
         if getattr(mlp, "routed", False):  # expert matmuls on the rows actually dispatched
             n_rows = rows.get(a, tokens * _nominal_experts(mlp))

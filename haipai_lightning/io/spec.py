@@ -29,6 +29,8 @@ _BUILTIN_MODULES = (
 _BUILTIN_NAMES = (
     "FullRecursion", "ExpertChoiceRouter", "TokenChoiceRouter", "Attention", "Mamba",
     "SwiGLU", "TokenChoiceMoE", "ExpertChoiceMoE", "AdaptiveTopPMoE", "MixtureOfTokens",
+    "MixtureOfHeadsAttention", "AdaptiveSpanAttention", "DTRNetAttention", "CoPEAttention",
+    "CoreContextAttention",
 )
 _registry: dict[str, type] = {}  # any accepted class path -> class
 _public: dict[type, str] = {}  # class -> the path recorded in new checkpoints

@@ -28,9 +28,14 @@ def checkpointed_layer(layer: Any, h: torch.Tensor, cos: torch.Tensor, sin: torc
     h (B, k, D) -> (B, k, D); `layer` is a model.Block; no KV cache (training forwards only).
     """
     if layer.routed_mlp:
+        mixer_calls = [0]
+
         def mixer(x: torch.Tensor) -> torch.Tensor:
             n = layer.mixer_norm(x)
-            return layer.mixer(n, cos, sin, None, share, valid)
+            if not getattr(layer, "routed_mixer", False):
+                return layer.mixer(n, cos, sin, None, share, valid)
+            mixer_calls[0] += 1  # the recomputation in the backward must not record twice
+            return layer.mixer(n, cos, sin, None, share, valid, records if mixer_calls[0] == 1 else [])
 
         x = h + checkpoint(mixer, h, use_reentrant=False)
         return x + layer.mlp(layer.mlp_norm(x), records)

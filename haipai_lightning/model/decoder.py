@@ -57,13 +57,20 @@ class Block(nn.Module):
         self.routed_mlp = bool(getattr(self.mlp, "routed", False))
         if self.routed_mlp:  # the MLP's records carry its layer (per-layer thresholds use the index too)
             self.mlp.layer_index = index
+        # a routed mixer (Mixture-of-Heads, DTRNet, adaptive span: class attribute `routed = True`) also takes
+        # the forward pass's records as a 7th argument, for its decisions and aux losses
+        self.routed_mixer = bool(getattr(self.mixer, "routed", False))
+        if self.routed_mixer:
+            self.mixer.layer_index = index
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVView | None = None,
         share: KVShare | None = None, records: list[RouterRecord] | None = None,
         valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x), cos, sin, kv, share, valid)
+        n = self.mixer_norm(x)
+        x = x + (self.mixer(n, cos, sin, kv, share, valid, records) if self.routed_mixer
+                 else self.mixer(n, cos, sin, kv, share, valid))
         h = self.mlp_norm(x)
         return x + (self.mlp(h, records) if self.routed_mlp else self.mlp(h))
 
