@@ -11,7 +11,7 @@ from typing import Any, Callable
 from jsonargparse import ArgumentError, ArgumentParser, set_parsing_settings
 
 from haipai_lightning.cli import eval as evaluate
-from haipai_lightning.cli import export, generate, quantize, serve, visualize
+from haipai_lightning.cli import export, generate, prepare, quantize, serve, visualize
 from haipai_lightning.config import ConfigError
 
 # `haipai fit --help` shows the attribute docstrings of ModelConfig's fields.
@@ -39,6 +39,7 @@ def _subcommands() -> dict[str, Callable[..., Any]]:
         "quantize": quantize.quantize_command,
         "export": export.export_command,
         "serve": serve.serve_command,
+        "prepare": prepare.prepare_command,
     }
 
 
