@@ -203,15 +203,23 @@ def resolve_tokenizer(spec: str | None, docs: Iterator[str], vocab_size: int, sa
 
 
 # ------------------------------------------------------------------ writing
-def _is_val(index: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
-    """Per-document val membership: a hash of (seed, document index), so independent of batching."""
-    x = index.astype(np.uint64) + np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64)
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finalizer on uint64 arrays (wrapping arithmetic): a cheap, well-mixed hash that
+    numpy can apply to every index at once (val membership here, the shuffle permutation in streaming.py)."""
+    x = np.asarray(x, dtype=np.uint64).copy()
     with np.errstate(over="ignore"):
         x ^= x >> np.uint64(30)
         x *= np.uint64(0xBF58476D1CE4E5B9)
         x ^= x >> np.uint64(27)
         x *= np.uint64(0x94D049BB133111EB)
         x ^= x >> np.uint64(31)
+    return x
+
+
+def _is_val(index: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
+    """Per-document val membership: a hash of (seed, document index), so independent of batching."""
+    with np.errstate(over="ignore"):
+        x = splitmix64(index.astype(np.uint64) + np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64))
     return (x >> np.uint64(11)).astype(np.float64) / 2.0**53 < val_fraction
 
 

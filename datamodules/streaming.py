@@ -28,23 +28,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from datamodules.prepare import TOKENIZER, load_index
+from datamodules.prepare import TOKENIZER, load_index, splitmix64
 from datamodules.tokenizer import id_space, load_tokenizer
 from haipai_lightning.config import ConfigError
 
 CHUNK = 1 << 16  # mixture draws generated per numpy call
 
 
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finalizer on uint64 arrays (wrapping arithmetic)."""
-    x = np.asarray(x, dtype=np.uint64).copy()
-    with np.errstate(over="ignore"):
-        x ^= x >> np.uint64(30)
-        x *= np.uint64(0xBF58476D1CE4E5B9)
-        x ^= x >> np.uint64(27)
-        x *= np.uint64(0x94D049BB133111EB)
-        x ^= x >> np.uint64(31)
-    return x
+_mix = splitmix64  # the same hash as prepare.py's val split
 
 
 def permute(idx: np.ndarray, n: int, key: int) -> np.ndarray:
