@@ -134,6 +134,12 @@ def component_spec(factory: Any) -> dict[str, Any] | None:
             f"cannot record component {factory!r} in the checkpoint: pass a class, a functools.partial "
             "of a class, or a class_path/init_args spec"
         )
+    _load_builtins()
+    if cls not in _public:
+        # a class object handed over by the program or its YAML config (already imported, so nothing new
+        # runs): allowed in this process, so its specs rebuild here (growth, resume); another process that
+        # loads the checkpoint must register it itself
+        register_component(cls)
     return {"class_path": public_name(cls), "init_args": init_args}
 
 

@@ -162,3 +162,17 @@ def test_overwrite_replaces_a_haipai_export_but_not_one_holding_your_files(tmp_p
         haipai_lightning.save_pretrained(model, out, overwrite=True)
     assert (out / "NOTES.md").read_text() == "mine"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".exp.")]  # no temporary directories left
+
+
+class MyRouter(haipai_lightning.FullRecursion):
+    """A user's own router, handed over as a class (as a YAML class_path would)."""
+
+
+def test_a_users_own_component_trains_and_reloads_in_its_process():
+    module = MoRLightningModule(config=haipai_lightning.ModelConfig(vocab_size=64, d_model=32, n_layers=3,
+                                                                    n_recursions=1), router=MyRouter)
+    assert type(module.model.router) is MyRouter
+    assert module.arch["router"]["class_path"] == f"{__name__}.MyRouter"
+    assert resolve_class(f"{__name__}.MyRouter") is MyRouter  # registered by being handed over
+    with pytest.raises(ConfigError, match="register_component"):
+        resolve_class("somebody_else.Router")  # a path only a file names stays refused
