@@ -10,8 +10,10 @@ from haipai_lightning.io.export import check_replaceable
 from haipai_lightning.config import ConfigError
 
 
-def _val_batches(ckpt_path: str, data: str | None, n: int) -> list[dict]:
-    """The first n validation batches of the data module the checkpoint was trained with."""
+def _data_batches(ckpt_path: str, data: str | None, n: int, n_calib: int = 0) -> tuple[list[dict], list[dict]]:
+    """(the first n validation batches, the first n_calib training batches) of the data module the checkpoint
+    was trained with: the calibrated methods (GPTQ, GuidedQuant, SpinQuant) learn from training text and
+    are judged on held-out text."""
     import yaml
 
     from datamodules import TextDataModule
@@ -25,13 +27,19 @@ def _val_batches(ckpt_path: str, data: str | None, n: int) -> list[dict]:
     section = {k: v for k, v in section.items() if k != "class_path"}
     dm = TextDataModule(**section)
     dm.prepare_data()
-    dm.setup("validate")
+    dm.setup("fit" if n_calib else "validate")
     batches = []
     for b in dm.val_dataloader():
         batches.append(b)
         if len(batches) >= n:
             break
-    return batches
+    calib = []
+    if n_calib:
+        for b in dm.train_dataloader():
+            calib.append(b)
+            if len(calib) >= n_calib:
+                break
+    return batches, calib
 
 
 def quantize_command(
@@ -39,6 +47,7 @@ def quantize_command(
     method: str = "all",
     data: str | None = None,
     val_batches: int = 8,
+    calib_batches: int = 4,
     decode_tokens: int = 32,
     out: str | None = None,
     overwrite: bool = False,
@@ -53,6 +62,7 @@ def quantize_command(
         data: the run config whose data: section gives the validation set (default: config.yaml of
             the checkpoint's run directory).
         val_batches: validation batches the perplexities are measured on.
+        calib_batches: training batches the calibrated methods (GPTQ, GuidedQuant, SpinQuant) calibrate on.
         decode_tokens: tokens generated (batch 1, greedy) to time decoding.
         out: export directory for the quantized model (one method only); it must not exist.
         overwrite: replace --out when it is a Haipai export (never another directory).
@@ -65,15 +75,17 @@ def quantize_command(
     names = [m for m in METHODS if m != "fp32"] if method == "all" else [m.strip() for m in method.split(",")]
     for name in names:
         get_method(name)
-    if val_batches < 1 or decode_tokens < 1:
-        raise ConfigError(f"--val_batches {val_batches} and --decode_tokens {decode_tokens} must be >= 1")
+    if val_batches < 1 or decode_tokens < 1 or calib_batches < 1:
+        raise ConfigError(f"--val_batches {val_batches}, --calib_batches {calib_batches} and --decode_tokens "
+                          f"{decode_tokens} must be >= 1")
     if out is not None:
         if len(names) != 1:
             raise ConfigError(f"--out writes one quantized model; pass a single --method (got {len(names)})")
         check_replaceable(Path(out).absolute(), overwrite)  # before the long work, and never a foreign directory
     model, tok = load_model(ckpt_path)
-    batches = _val_batches(ckpt_path, data, val_batches)
-    rows = evaluate_methods(model, names, batches, new_tokens=decode_tokens)
+    calibrated = any(get_method(n).solver != "rtn" or get_method(n).rotation != "hadamard" for n in names)
+    batches, calib = _data_batches(ckpt_path, data, val_batches, calib_batches if calibrated else 0)
+    rows = evaluate_methods(model, names, batches, new_tokens=decode_tokens, calib=calib or None)
     print(format_table(rows))
     from torch.utils.tensorboard import SummaryWriter
 
