@@ -50,7 +50,8 @@ _EXPORTS: dict[str, str] = {
     "SamplingConfig": "decode.sampling", "generate": "decode.generate",
     "speculative_generate": "decode.speculative", "Engine": "decode.engine", "Request": "decode.engine",
     # growth
-    "grow": "grow.ops", "upcycle_to_moe": "grow.ops", "hyperclone": "grow.ops", "gstack": "grow.ops",
+    # (the dispatcher grow(model, op, args) is haipai_lightning.grow.ops.grow: `grow` names the subpackage)
+    "upcycle_to_moe": "grow.ops", "hyperclone": "grow.ops", "gstack": "grow.ops", "lesa": "grow.ops",
     # quantization, files
     "QuantSpec": "quant.methods", "quantize_model": "quant.methods",
     "load_model": "io.loader", "save_pretrained": "io.export", "load_pretrained": "io.export",

@@ -114,3 +114,19 @@ def test_tests_mirror_the_package():
         assert list((ROOT / "tests" / sub).glob("test_*.py")), f"tests/{sub}/ has no tests"
     assert not [p.name for p in (ROOT / "tests").glob("test_*.py") if p.name != "test_layout.py"], \
         "tests belong in the folder of the package part they test"
+
+
+def test_front_door_names_resolve_to_their_objects_not_subpackages():
+    """Every public name of `haipai_lightning` is the class / function it promises, also after every
+    subpackage was imported (a subpackage of the same name would shadow it)."""
+    import importlib
+    import types
+
+    import haipai_lightning
+
+    for name in _modules():
+        if name.startswith("haipai_lightning.") and not name.startswith("haipai_lightning.cli"):
+            importlib.import_module(name)
+    for name in haipai_lightning.__all__:
+        obj = getattr(haipai_lightning, name)
+        assert not isinstance(obj, types.ModuleType), f"haipai_lightning.{name} is a module"
