@@ -89,3 +89,12 @@ def test_old_yaml_instantiates(tmp_path):
                    "--trainer.logger", "false", "--trainer.callbacks", "[]"], run=False)
     assert type(cli.model.model.router) is haipai_lightning.ExpertChoiceRouter
     assert cli.model.arch["router"]["class_path"] == "haipai_lightning.ExpertChoiceRouter"
+
+
+def test_old_cli_module_names_resolve():
+    """`from haipai_lightning.cli import run_cli` (the flat layout's cli.py) keeps working."""
+    from haipai_lightning.cli import HaipaiCLI, generate_command, run_cli, visualize_command
+    from haipai_lightning.cli.fit import run_cli as fit_run_cli
+
+    assert run_cli is fit_run_cli and callable(generate_command) and callable(visualize_command)
+    assert issubclass(HaipaiCLI, __import__("lightning").pytorch.cli.LightningCLI)
