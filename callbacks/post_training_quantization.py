@@ -28,19 +28,23 @@ from haipai_lightning.quant.methods import get_method
 
 class PostTrainingQuantization(L.Callback):
     def __init__(self, methods: list[str] | None = None, val_batches: int = 8, decode_tokens: int = 32,
-                 export_dir: str | None = None) -> None:
+                 export_dir: str | None = None, calib_batches: int = 4) -> None:
         """Args:
             methods: names from haipai_lightning.quant.methods.METHODS (default int8, int8_dynamic, int4,
                 int4_rotated, kv4, w4a4kv4).
             val_batches: validation batches the perplexities are measured on.
             decode_tokens: tokens generated (batch 1, greedy) to time decoding.
             export_dir: when set, write every quantized model to export_dir/<method>.
+            calib_batches: training batches the calibrated methods (GPTQ, GuidedQuant, SpinQuant) calibrate
+                on (never the validation batches they are judged on).
         """
         self.methods = list(methods or ["int8", "int8_dynamic", "int4", "int4_rotated", "kv4", "w4a4kv4"])
         for m in self.methods:
             get_method(m)  # unknown names fail at construction, before training
-        if val_batches < 1:
-            raise ConfigError(f"PostTrainingQuantization val_batches={val_batches} must be >= 1")
+        if val_batches < 1 or calib_batches < 1:
+            raise ConfigError(f"PostTrainingQuantization val_batches={val_batches} and calib_batches={calib_batches} "
+                              "must be >= 1")
+        self.calib_batches = calib_batches
         self.val_batches, self.decode_tokens, self.export_dir = val_batches, decode_tokens, export_dir
         self.rows: list[MethodReport] = []
 
@@ -48,7 +52,8 @@ class PostTrainingQuantization(L.Callback):
         """Refuse, before training, methods the model cannot take (weight methods on MoE / MoT MLPs)."""
         model = getattr(pl_module, "model", None)
         routed = [i for i, layer in enumerate(getattr(model, "layers", [])) if getattr(layer.mlp, "routed", False)]
-        weight = [m for m in self.methods if get_method(m).weights is not None]
+        # round-to-nearest cannot store stacked experts; the calibrated solvers can (quant/qexperts.py)
+        weight = [m for m in self.methods if get_method(m).weights is not None and get_method(m).solver == "rtn"]
         if stage == "fit" and routed and weight:
             raise ConfigError(
                 f"callbacks.PostTrainingQuantization methods {weight} quantize weights, which this model's routed "
@@ -65,8 +70,15 @@ class PostTrainingQuantization(L.Callback):
             batches.append({k: v.cpu() for k, v in b.items()})
             if len(batches) >= self.val_batches:
                 break
+        calib = None
+        if any(get_method(m).solver != "rtn" or get_method(m).rotation != "hadamard" for m in self.methods):
+            calib = []
+            for b in dm.train_dataloader():
+                calib.append({k: v.cpu() for k, v in b.items()})
+                if len(calib) >= self.calib_batches:
+                    break
         model = copy.deepcopy(pl_module.model).cpu().eval()  # the trained module stays where it is
-        self.rows = evaluate_methods(model, self.methods, batches, new_tokens=self.decode_tokens)
+        self.rows = evaluate_methods(model, self.methods, batches, new_tokens=self.decode_tokens, calib=calib)
         print("post-training quantization (ppl on", len(batches), "validation batches):")
         print(format_table(self.rows))
         writer = getattr(trainer.logger, "experiment", None)
@@ -79,5 +91,5 @@ class PostTrainingQuantization(L.Callback):
             for m in self.methods:
                 # arch=None: the specs of the model's own factories -- after growth, the grown ones
                 # (pl_module.arch keeps the base architecture, which the growth log replays on load)
-                save_pretrained(quantize_model(model, m), Path(self.export_dir) / m, arch=None,
+                save_pretrained(quantize_model(model, m, calib=calib), Path(self.export_dir) / m, arch=None,
                                 tokenizer_json=pl_module.tokenizer_json, overwrite=True)

@@ -161,3 +161,42 @@ def test_calibrated_exports_load_back(tmp_path, method):
     x = torch.randint(0, V, (2, 10))
     with torch.no_grad():
         torch.testing.assert_close(back(x).logits, q(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_callback_calibrates_on_training_batches(tmp_path, monkeypatch):
+    """PostTrainingQuantization hands a calibrated method training batches (not the validation ones), and
+    accepts calibrated weight methods on an MoE model, which round-to-nearest refuses."""
+    from types import SimpleNamespace
+
+    import lightning as L
+
+    from callbacks import PostTrainingQuantization
+    from datamodules import TextDataModule
+    from haipai_lightning.config import ConfigError
+    from haipai_lightning.eval import quant_report
+    from haipai_lightning.train.module import MoRLightningModule
+
+    moe = HaipaiModel(ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, ffn_hidden=64), mlp=TokenChoiceMoE)
+    PostTrainingQuantization(methods=["int4_gptq"]).setup(None, SimpleNamespace(model=moe), "fit")
+    with pytest.raises(ConfigError, match="int4"):
+        PostTrainingQuantization(methods=["int4"]).setup(None, SimpleNamespace(model=moe), "fit")
+
+    seen = {}
+    real = quant_report.evaluate_methods
+
+    def spy(model, methods, batches, **kw):
+        seen["calib"], seen["val"] = kw.get("calib"), batches
+        return real(model, methods, batches, **kw)
+
+    monkeypatch.setattr("callbacks.post_training_quantization.evaluate_methods", spy)
+    data = dict(source="kjv", seq_len=32, batch_size=4, vocab_size=1024, max_documents=60,
+                cache_dir=os.environ.get("HAIPAI_TEST_CACHE", ".haipai_cache"))
+    module = MoRLightningModule(ModelConfig(vocab_size=1024, d_model=32, n_layers=3, n_heads=4, ffn_hidden=64,
+                                            max_seq_len=64))
+    ptq = PostTrainingQuantization(methods=["int4_gptq"], val_batches=1, decode_tokens=2, calib_batches=2)
+    L.Trainer(max_steps=2, limit_val_batches=1, val_check_interval=2, accelerator="cpu", devices=1, logger=False,
+              enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+              default_root_dir=str(tmp_path), callbacks=[ptq]).fit(module, datamodule=TextDataModule(**data))
+    assert [r.method for r in ptq.rows] == ["int4_gptq"]
+    assert len(seen["calib"]) == 2 and not any(torch.equal(c["input_ids"], v["input_ids"])
+                                              for c in seen["calib"] for v in seen["val"])
