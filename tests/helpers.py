@@ -68,3 +68,13 @@ def train_on_kjv(make_model: Callable[[], torch.nn.Module], steps: int, lr: floa
         loss.backward()
         opt.step()
     return m.eval(), it, dm
+
+
+def mixer_inputs(cfg, seed: int = 0, *, batch: int, length: int):
+    """Random mixer input x (batch, length, d_model) and RoPE cos / sin for positions 0..length-1."""
+    from haipai_lightning.model.rope import RotaryEmbedding
+
+    torch.manual_seed(seed)
+    x = torch.randn(batch, length, cfg.d_model)
+    cos, sin = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)(torch.arange(length))
+    return x, cos, sin

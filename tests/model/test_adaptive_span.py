@@ -1,20 +1,17 @@
 """Adaptive attention span (arXiv 1905.07799): the soft mask, the reduction to full attention, keys beyond the
 span ignored, the L1 aux loss and its record."""
 
+from functools import partial
+
 import torch
-from helpers import tiny_config
+from helpers import tiny_config, mixer_inputs
 
 from haipai_lightning.model.mixers import AdaptiveSpanAttention, Attention
-from haipai_lightning.model.rope import RotaryEmbedding
 
 B, T = 2, 12
 
 
-def inputs(cfg, seed=0):
-    torch.manual_seed(seed)
-    x = torch.randn(B, T, cfg.d_model)
-    cos, sin = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)(torch.arange(T))
-    return x, cos, sin
+inputs = partial(mixer_inputs, batch=B, length=T)  # (x (B, T, D), cos, sin)
 
 
 def test_mask_formula():

@@ -1,22 +1,19 @@
 """Core-context-aware attention (arXiv 2412.12465, adapted): reductions to full attention, mean pooling,
 far tokens reaching a query only through their group's core."""
 
+from functools import partial
+
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import tiny_config, mixer_inputs
 
 from haipai_lightning.config import ConfigError
 from haipai_lightning.model.mixers import Attention, CoreContextAttention
-from haipai_lightning.model.rope import RotaryEmbedding
 
 B, T = 2, 12
 
 
-def inputs(cfg, seed=0):
-    torch.manual_seed(seed)
-    x = torch.randn(B, T, cfg.d_model)
-    cos, sin = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)(torch.arange(T))
-    return x, cos, sin
+inputs = partial(mixer_inputs, batch=B, length=T)  # (x (B, T, D), cos, sin)
 
 
 @pytest.mark.parametrize("group", [1, T, 2 * T])

@@ -1,21 +1,18 @@
 """CoPE (arXiv 2405.18719): contextual positions from gates, their interpolation, and RoPE on or off."""
 
+from functools import partial
+
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import tiny_config, mixer_inputs
 
 from haipai_lightning.config import ConfigError
 from haipai_lightning.model.mixers import Attention, CoPEAttention
-from haipai_lightning.model.rope import RotaryEmbedding
 
 B, T = 2, 8
 
 
-def inputs(cfg, seed=0):
-    torch.manual_seed(seed)
-    x = torch.randn(B, T, cfg.d_model)
-    cos, sin = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)(torch.arange(T))
-    return x, cos, sin
+inputs = partial(mixer_inputs, batch=B, length=T)  # (x (B, T, D), cos, sin)
 
 
 CAUSAL = torch.ones(T, T, dtype=torch.bool).tril()[None, None]

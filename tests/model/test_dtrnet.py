@@ -1,22 +1,19 @@
 """DTRNet-style token routing (arXiv 2509.00925): capacity 1 is the dense layer, a bypassed token's output is
 W_o W_v x of that token alone, the router's BCE record, and the language-model loss reaching the router."""
 
+from functools import partial
+
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import tiny_config, mixer_inputs
 
 from haipai_lightning.config import ConfigError
 from haipai_lightning.model.mixers import Attention, DTRNetAttention
-from haipai_lightning.model.rope import RotaryEmbedding
 
 B, T = 3, 10
 
 
-def inputs(cfg, seed=0):
-    torch.manual_seed(seed)
-    x = torch.randn(B, T, cfg.d_model)
-    cos, sin = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)(torch.arange(T))
-    return x, cos, sin
+inputs = partial(mixer_inputs, batch=B, length=T)  # (x (B, T, D), cos, sin)
 
 
 def dense_twin(m, cfg):

@@ -1,22 +1,19 @@
 """Mixture-of-Heads attention (arXiv 2410.11842): reduction to multi-head attention, the two-stage gates,
 top-k routing, the balance loss and the record."""
 
+from functools import partial
+
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import tiny_config, mixer_inputs
 
 from haipai_lightning.config import ConfigError
 from haipai_lightning.model.mixers import Attention, MixtureOfHeadsAttention
-from haipai_lightning.model.rope import RotaryEmbedding
 
 B, T = 2, 9
 
 
-def inputs(cfg, seed=0):
-    torch.manual_seed(seed)
-    x = torch.randn(B, T, cfg.d_model)
-    cos, sin = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)(torch.arange(T))
-    return x, cos, sin
+inputs = partial(mixer_inputs, batch=B, length=T)  # (x (B, T, D), cos, sin)
 
 
 @pytest.mark.parametrize("n_shared", [0, 1, 4])
