@@ -1,45 +1,138 @@
-"""Decode throughput: MoR (expert-choice, continuous depth-wise batching) vs a vanilla Transformer.
+"""Decode throughput: Haipai vanilla and MoR (trained routers, continuous depth-wise batching) vs transformers.
 
-Same layer shape (14 effective layers); vanilla decodes a static batch with a KV cache;
-MoR Nr=3 / Nr=4 (middle-cycle) decode through `Engine` (tokens at different recursion depths
-share one pass of the shared block; early exits free their slot at once). Routers are not
-trained here: an untrained expert-choice gate passes about half of the tokens at each step
-with capacity < 1, so the layers each token actually ran are measured and printed
-("layers/token"; vanilla runs all 14). Batches: a fixed one, and the largest whose KV cache fits a
-stated memory budget (KV bytes per sequence measured from the caches, i.e. assuming paged
-KV storage that holds only the entries written). Each run serves 4 x batch requests: vanilla in
-static batches of `batch`, the engine with `batch` slots refilled from its queue.
+Arms, all at the same shape (d=384, 14 layers, 6 query / 3 KV heads, SwiGLU 1024, vocab 4096, untied
+nothing: the head is tied to the embedding in both), timed in alternation in one run:
+
+- `transformers`: Hugging Face `LlamaForCausalLM.generate` (greedy, its own KV cache) -- the peer;
+- `vanilla`: Haipai's `generate` on a 14-layer dense stack (the `StaticDecoder` fast path: static KV
+  buffers, fused projections);
+- `vanilla (general)`: the same model through the general cached forward (`generate(fast=False)`),
+  the path every routed model takes -- what the fast path is measured against;
+- `MoR EC Nr=2/3/4`: expert-choice MoR (middle-cycle) through `Engine`. Its routers are **trained**
+  first: a few hundred steps on the bundled King James Bible with every other weight frozen, on the
+  routers' own BCE loss (the auxiliary loss that teaches the causal 0.5 threshold to reproduce
+  training's top-k), so that inference depths follow the configured capacities (1, 3/4, 1/2, 1/4
+  for Nr=4). The checkpoint is cached under .haipai_cache/. The realised layers/token are printed.
+
+Batches: 1, a fixed batch, and the largest batch whose KV cache fits a stated budget (vanilla /
+transformers: the static buffer, max_len positions per layer; MoR: the bytes its caches hold,
+i.e. paged storage). Each run serves QUEUE x batch requests (static batches for vanilla and
+transformers; the engine refills its slots from its queue).
+
+The machine's read bandwidth is measured in the same run (a 256 MiB fp32 buffer streamed by a sum
+and by a GEMV; the faster counts), and `batch1_fraction_of_bandwidth_bound` = weight bytes read per
+token x vanilla's batch-1 tokens/s / that bandwidth.
 
     python benchmarks/decode_throughput.py [--quick] [--threads 1] [--json out.json]
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import alternate, parser, table, write_json  # noqa: E402
 from haipai_lightning.config import ModelConfig  # noqa: E402
 from haipai_lightning.decode.engine import Engine  # noqa: E402
-from haipai_lightning.decode.sampling import SamplingConfig
 from haipai_lightning.decode.generate import generate  # noqa: E402
+from haipai_lightning.decode.sampling import SamplingConfig  # noqa: E402
 from haipai_lightning.model.decoder import HaipaiModel  # noqa: E402
-from haipai_lightning.model.routing.expert_choice import ExpertChoiceRouter
 from haipai_lightning.model.routing.base import FullRecursion  # noqa: E402
+from haipai_lightning.model.routing.expert_choice import ExpertChoiceRouter  # noqa: E402
+
+QUEUE = 4  # requests per run = QUEUE x batch (batch 1: 2 requests)
+N_LAYERS = 14
 
 
-QUEUE = 4  # requests per run = QUEUE x batch: continuous batching refills slots from a queue, as served
+def model_config(nr: int, d: int, V: int, max_len: int) -> ModelConfig:
+    return ModelConfig(vocab_size=V, d_model=d, n_layers=N_LAYERS, n_heads=max(4, d // 64), n_kv_heads=max(2, d // 128),
+                       ffn_hidden=int(8 * d / 3), max_seq_len=max_len, n_recursions=nr, sharing="middle_cycle")
 
 
 def build(nr: int, d: int, V: int, max_len: int) -> HaipaiModel:
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=V, d_model=d, n_layers=14, n_heads=max(4, d // 64), n_kv_heads=max(2, d // 128),
-                      ffn_hidden=int(8 * d / 3), max_seq_len=max_len, n_recursions=nr, sharing="middle_cycle")
-    return HaipaiModel(cfg, router=FullRecursion if nr == 1 else ExpertChoiceRouter)
+    return HaipaiModel(model_config(nr, d, V, max_len), router=FullRecursion if nr == 1 else ExpertChoiceRouter).eval()
+
+
+def train_routers(m: HaipaiModel, V: int, steps: int, tag: str) -> dict:
+    """Train only the routers on KJV with their BCE loss (rest frozen); cached by shape and steps."""
+    from datamodules import TextDataModule  # the corpus is only needed here
+
+    cache = Path(".haipai_cache") / "decode_throughput" / f"{tag}_{steps}.pt"
+    if cache.exists():
+        m.router.load_state_dict(torch.load(cache, weights_only=True))
+        return {"router_steps": steps, "cached": True}
+    seq = min(64, m.cfg.max_seq_len - 1)  # the sequences decoded here are no longer
+    dm = TextDataModule(source="kjv", seq_len=seq, batch_size=8, vocab_size=V, max_documents=400)
+    dm.prepare_data()
+    dm.setup("fit")
+    for p in m.parameters():
+        p.requires_grad_(False)
+    params = list(m.router.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    it, t0, m_train = iter(dm.train_dataloader()), time.perf_counter(), m.train()
+    for _ in range(steps):
+        try:
+            b = next(it)
+        except StopIteration:
+            it = iter(dm.train_dataloader())
+            b = next(it)
+        out = m_train(b["input_ids"])
+        loss = sum(v for rec in out.records for k, v in rec.aux_losses.items() if k == "bce")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    m.eval()
+    for p in m.parameters():
+        p.requires_grad_(True)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(m.router.state_dict(), cache)
+    return {"router_steps": steps, "cached": False, "train_s": time.perf_counter() - t0, "final_bce": float(loss)}
+
+
+def llama_peer(cfg: ModelConfig):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hf = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_dim,
+                     num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                     num_key_value_heads=cfg.kv_heads, max_position_embeddings=cfg.max_seq_len,
+                     rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
+                     attn_implementation="sdpa")
+    return LlamaForCausalLM(hf).eval()
+
+
+def read_bandwidth(reps: int = 3) -> dict[str, float]:
+    """Bytes/s this machine streams from memory at the current thread count (256 MiB, beyond any cache)."""
+    buf = torch.randn(2**26)  # 256 MiB fp32
+    mat, x = buf.view(-1, 4096), torch.randn(1, 2**26 // 4096)
+    out = {}
+    for name, f in (("sum", lambda: buf.sum()), ("gemv", lambda: x @ mat)):
+        f()
+        best = min(_timed(f) for _ in range(reps))
+        out[name] = buf.numel() * 4 / best
+    return out
+
+
+def _timed(f) -> float:
+    t0 = time.perf_counter()
+    f()
+    return time.perf_counter() - t0
+
+
+def weight_bytes_per_token(m: HaipaiModel) -> int:
+    """Bytes of weights a batch-1 decode step reads: every layer application's weights (a shared layer is
+    read at each application, no cache holds 100 MB), the final norm, the head; one embedding row."""
+    per_layer = [sum(p.numel() * p.element_size() for p in m.layers[i].parameters()) for i, _ in m.order]
+    head = m.head.weight.numel() * m.head.weight.element_size()
+    return sum(per_layer) + head + m.norm.weight.numel() * 4 + m.cfg.d_model * 4
 
 
 def kv_bytes_per_seq(m: HaipaiModel, V: int, length: int) -> float:
@@ -49,65 +142,104 @@ def kv_bytes_per_seq(m: HaipaiModel, V: int, length: int) -> float:
     return cache.nbytes() / 4
 
 
-def run_vanilla(m, prompts, new, B):
-    for i in range(0, prompts.size(0), B):  # static batching: B requests at a time
-        generate(m, prompts[i : i + B], SamplingConfig(max_new_tokens=new, temperature=0))
-    return 14.0
-
-
-def run_engine(m, prompts, new, B):
-    e = Engine(m, max_batch=B, max_len=m.cfg.max_seq_len)  # B slots, the rest of the requests queue
-    reqs = e.generate(prompts.tolist(), max_new_tokens=new)
-    assert all(len(r) == new for r in reqs)
-    sch = m.schedule
-    depth = e.stats["block_tokens"] / max(e.stats["tokens"], 1)  # shared-block passes per token
-    return len(sch.prelude) + len(sch.coda) + depth * len(sch.shared)
-
-
 def main() -> None:
-    args = parser(__doc__).parse_args()
-    d, V, P, new, fixed, budget_mib, cap, reps = ((256, 2048, 16, 16, 8, 8, 32, 2) if args.quick
-                                                  else (384, 4096, 16, 48, 16, 64, 128, 3))
+    p = parser(__doc__)
+    p.add_argument("--router_steps", type=int, default=None, help="router training steps (default 300; quick 40)")
+    args = p.parse_args()
+    quick = args.quick
+    d, V, P, new, fixed, budget_mib, cap, reps = ((256, 2048, 16, 16, 8, 8, 24, 1) if quick
+                                                  else (384, 4096, 16, 48, 16, 64, 64, 3))
+    steps = args.router_steps or (40 if quick else 300)
     max_len = P + new + 1
-    models = {"vanilla": build(1, d, V, max_len), "MoR EC Nr=3": build(3, d, V, max_len),
-              "MoR EC Nr=4": build(4, d, V, max_len)}
-    for m in models.values():
-        m.eval()
+    nrs = [4] if quick else [2, 3, 4]
+    models = {"vanilla": build(1, d, V, max_len)}
+    train_info = {}
+    for nr in nrs:
+        m = build(nr, d, V, max_len)
+        train_info[f"MoR EC Nr={nr}"] = train_routers(m, V, steps, f"ec_nr{nr}_d{d}_V{V}")
+        models[f"MoR EC Nr={nr}"] = m
+    peer = llama_peer(models["vanilla"].cfg)
+    bw = read_bandwidth()
+    bandwidth = max(bw.values())
+    wbytes = weight_bytes_per_token(models["vanilla"])
     torch.manual_seed(1)
     per_seq = {k: kv_bytes_per_seq(m, V, max_len) for k, m in models.items()}
+    vanilla_static_kv = N_LAYERS * 2 * models["vanilla"].cfg.kv_heads * models["vanilla"].cfg.head_dim * 4 * max_len
+    per_seq["vanilla"] = per_seq["transformers"] = per_seq["vanilla (general)"] = vanilla_static_kv
+    arms = ["transformers", "vanilla", "vanilla (general)", *[k for k in models if k != "vanilla"]]
     budget = budget_mib * 2**20
-    batches = {"fixed": {k: fixed for k in models},
-               "max": {k: min(cap, int(budget // per_seq[k])) for k in models}}
-    rows, tps = [], {}
+    batches = {"batch1": {k: 1 for k in arms}, "fixed": {k: fixed for k in arms},
+               "max": {k: max(1, min(cap, int(budget // per_seq[k]))) for k in arms}}
+    greedy = SamplingConfig(max_new_tokens=new, temperature=0)
+
+    def run(k: str, prompts: torch.Tensor, B: int) -> float:
+        """Serve the prompts; returns the layers each token ran."""
+        if k == "transformers":
+            for i in range(0, prompts.size(0), B):
+                peer.generate(prompts[i:i + B], max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                              pad_token_id=0, eos_token_id=None)
+            return float(N_LAYERS)
+        if k.startswith("vanilla"):
+            for i in range(0, prompts.size(0), B):
+                generate(models["vanilla"], prompts[i:i + B], greedy, fast=k == "vanilla")
+            return float(N_LAYERS)
+        m = models[k]
+        e = Engine(m, max_batch=B, max_len=max_len)
+        reqs = e.generate(prompts.tolist(), max_new_tokens=new)
+        assert all(len(r) == new for r in reqs)
+        sch = m.schedule
+        return len(sch.prelude) + len(sch.coda) + e.stats["block_tokens"] / max(e.stats["tokens"], 1) * len(sch.shared)
+
+    rows, tps, layers = [], {}, {}
+    t_start = time.perf_counter()
     with torch.no_grad():
         for label, sizes in batches.items():
-            prompts = {k: torch.randint(0, V, (QUEUE * B, P)) for k, B in sizes.items()}
+            n_req = {k: (2 if label == "batch1" else QUEUE * B) for k, B in sizes.items()}
+            prompts = {k: torch.randint(0, V, (n_req[k], P)) for k in arms}
             eff: dict[str, float] = {}
 
             def job(k):
-                fn = run_vanilla if k == "vanilla" else run_engine
-                return lambda: eff.__setitem__(k, fn(models[k], prompts[k], new, sizes[k]))
+                return lambda: eff.__setitem__(k, run(k, prompts[k], sizes[k]))
 
-            # the three models take turns, so machine noise hits them alike
-            secs = alternate({k: job(k) for k in models}, reps)
-            for k in models:
-                tps[(k, label)] = QUEUE * sizes[k] * new / secs[k]
+            secs = alternate({k: job(k) for k in arms}, reps)  # the arms take turns: noise hits them alike
+            for k in arms:
+                tps[(k, label)] = n_req[k] * new / secs[k]
+                layers[k] = eff[k]
                 rows.append({"model": k, "batch": f"{label} {sizes[k]}", "tokens/s": tps[(k, label)],
                              "layers/token": eff[k], "KV KiB/seq": per_seq[k] / 1024})
+            print(f"{label} done ({time.perf_counter() - t_start:.0f} s)", flush=True)
     for r in rows:
         label = r["batch"].split()[0]
-        r["speedup"] = r["tokens/s"] / tps[("vanilla", label)]
-    print(f"d={d}, 14 layers (MoR: middle-cycle), vocab {V}, prompt {P} + {new} new tokens, greedy, "
-          f"KV budget {budget_mib} MiB (batch cap {cap}), torch threads {torch.get_num_threads()}, "
-          f"{QUEUE} x batch requests per run, median of {reps} alternating runs")
-    print(table(rows, ["model", "batch", "tokens/s", "speedup", "layers/token", "KV KiB/seq"]))
-    headline = {"speedup_fixed_batch": tps[("MoR EC Nr=4", "fixed")] / tps[("vanilla", "fixed")],
-                "speedup_max_batch": tps[("MoR EC Nr=4", "max")] / tps[("vanilla", "max")],
-                "speedup_fixed_batch_nr3": tps[("MoR EC Nr=3", "fixed")] / tps[("vanilla", "fixed")],
-                "speedup_max_batch_nr3": tps[("MoR EC Nr=3", "max")] / tps[("vanilla", "max")]}
+        r["vs vanilla"] = r["tokens/s"] / tps[("vanilla", label)]
+        r["vs transformers"] = r["tokens/s"] / tps[("transformers", label)]
+    print(f"d={d}, {N_LAYERS} layers (MoR: middle-cycle, routers trained {steps} steps), vocab {V}, prompt {P} + "
+          f"{new} new tokens, greedy, KV budget {budget_mib} MiB (batch cap {cap}), torch threads "
+          f"{torch.get_num_threads()}, median of {reps} alternating runs")
+    print(f"read bandwidth: {', '.join(f'{k} {v / 1e9:.1f} GB/s' for k, v in bw.items())}; weights read per "
+          f"token {wbytes / 1e6:.1f} MB -> batch-1 bound {bandwidth / wbytes:.1f} tokens/s")
+    print(table(rows, ["model", "batch", "tokens/s", "vs vanilla", "vs transformers", "layers/token", "KV KiB/seq"]))
+    nr_max = f"MoR EC Nr={nrs[-1]}"
+    headline = {
+        "vanilla_vs_transformers_batch1": tps[("vanilla", "batch1")] / tps[("transformers", "batch1")],
+        "vanilla_vs_transformers_fixed_batch": tps[("vanilla", "fixed")] / tps[("transformers", "fixed")],
+        "batch1_fraction_of_bandwidth_bound": wbytes * tps[("vanilla", "batch1")] / bandwidth,
+        "speedup_fixed_batch": tps[(nr_max, "fixed")] / tps[("vanilla", "fixed")],
+        "speedup_max_batch": tps[(nr_max, "max")] / tps[("vanilla", "max")],
+        "speedup_max_batch_vs_general_vanilla": tps[(nr_max, "max")] / tps[("vanilla (general)", "max")],
+        "fast_vs_general_vanilla_batch1": tps[("vanilla", "batch1")] / tps[("vanilla (general)", "batch1")],
+        "layers_per_token": layers[nr_max],
+    }
+    for nr in nrs[:-1]:
+        headline[f"speedup_max_batch_nr{nr}"] = tps[(f"MoR EC Nr={nr}", "max")] / tps[("vanilla", "max")]
+        headline[f"speedup_fixed_batch_nr{nr}"] = tps[(f"MoR EC Nr={nr}", "fixed")] / tps[("vanilla", "fixed")]
+        headline[f"layers_per_token_nr{nr}"] = layers[f"MoR EC Nr={nr}"]
     print("headline:", {k: round(v, 3) for k, v in headline.items()})
-    write_json(args.json, headline, rows=rows, kv_bytes_per_seq=per_seq)
+    write_json(args.json, headline, rows=rows, kv_bytes_per_seq=per_seq, read_bandwidth=bw,
+               weight_bytes_per_token=wbytes, routers=train_info, total_s=time.perf_counter() - t_start,
+               goals={"vanilla_vs_transformers_batch1": 2.0, "vanilla_vs_transformers_fixed_batch": 1.2,
+                      "batch1_fraction_of_bandwidth_bound": 0.6, "speedup_max_batch": 2.0})
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()

@@ -90,9 +90,11 @@ class Engine:
         self.pre_apps = list(range(len(sch.prelude)))
         n_rec = len(sch.shared) * self.nr
         self.post_apps = list(range(len(sch.prelude) + n_rec, len(model.order)))
-        self.kv_unshared = {a: LayerKV(self.L, rows=self.S) for a in self.pre_apps + self.post_apps}
+        # a KV-quantized model (kv8 / kv4: quant/kv_cache.py) gives its own layer caches, int8 / int4 codes
+        new_kv = getattr(getattr(model, "kv_cache_factory", None), "layer", None) or LayerKV
+        self.kv_unshared = {a: new_kv(self.L, rows=self.S) for a in self.pre_apps + self.post_apps}
         # one cache per layer of the shared block; row r * S + s = step r of slot s
-        self.kv_block = [LayerKV(self.L, rows=self.nr * self.S) for _ in sch.shared]
+        self.kv_block = [new_kv(self.L, rows=self.nr * self.S) for _ in sch.shared]
         # Mixture-of-Depths gates inside the shared block: a vanilla (Nr=1) model's layers are all
         # "shared" (block layer j = application len(prelude) + j); the block pass routes them through the gate
         self.block_gates: dict[int, int] = {}

@@ -5,12 +5,19 @@ from __future__ import annotations
 import torch
 
 from haipai_lightning.decode.sampling import SamplingConfig, sample_next
+from haipai_lightning.decode.static import StaticDecoder
 from haipai_lightning.model.decoder import HaipaiModel
 
 
 @torch.no_grad()
-def generate(model: HaipaiModel, input_ids: torch.Tensor, s: SamplingConfig) -> torch.Tensor:
-    """input_ids (B, T) -> (B, T + new): one prefill, then one cached step per new token."""
+def generate(model: HaipaiModel, input_ids: torch.Tensor, s: SamplingConfig, compile: bool = False,
+             fast: bool = True) -> torch.Tensor:
+    """input_ids (B, T) -> (B, T + new): one prefill, then one cached step per new token.
+
+    Dense models (every token runs every layer) decode through `StaticDecoder` (static KV buffers,
+    fused projections; `compile=True` compiles its step); others, or fast=False, through the
+    model's general cached forward (the reference path).
+    """
     model.eval()
     total = input_ids.size(1) + s.max_new_tokens
     if total > model.cfg.max_seq_len:
@@ -21,11 +28,16 @@ def generate(model: HaipaiModel, input_ids: torch.Tensor, s: SamplingConfig) -> 
     gen = None
     if s.seed is not None:
         gen = torch.Generator(device=input_ids.device).manual_seed(s.seed)
-    cache = model.new_cache(total)
-    logits = model(input_ids, cache=cache).logits[:, -1]
+    if fast and StaticDecoder.unsupported(model) is None:
+        dec = StaticDecoder.cached(model, input_ids.size(0), total, compile=compile)
+        first, step = dec.prefill, dec.step
+    else:
+        cache = model.new_cache(total)
+        first = step = lambda ids: model(ids, cache=cache).logits[:, -1]  # noqa: E731
+    logits = first(input_ids)
     out = [input_ids]
     for _ in range(s.max_new_tokens):
         nxt = sample_next(logits.float(), s, gen)[:, None]  # (B, 1)
         out.append(nxt)
-        logits = model(nxt, cache=cache).logits[:, -1]
+        logits = step(nxt)
     return torch.cat(out, dim=1)

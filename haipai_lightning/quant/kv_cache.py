@@ -91,8 +91,12 @@ class QuantKVCacheFactory:
 
     def __call__(self, n_applications: int, max_len: int) -> KVCache:
         cache = KVCache(n_applications, max_len)
-        cache.layers = [QuantLayerKV(max_len, bits=self.bits, hadamard=self.hadamard) for _ in range(n_applications)]
+        cache.layers = [self.layer(max_len) for _ in range(n_applications)]
         return cache
+
+    def layer(self, max_len: int, rows: int | None = None) -> QuantLayerKV:
+        """One layer application's quantized cache (the depth-wise batching engine sizes its rows itself)."""
+        return QuantLayerKV(max_len, rows, bits=self.bits, hadamard=self.hadamard)
 
 
 def kv_bytes_per_token(bits: int | None, hd: int) -> float:
