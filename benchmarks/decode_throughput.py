@@ -16,7 +16,7 @@ nothing: the head is tied to the embedding in both), timed in alternation in one
 
 Batches: 1, a fixed batch, and the largest batch whose KV cache fits a stated budget (vanilla /
 transformers: the static buffer, max_len positions per layer; MoR: the bytes its caches hold,
-i.e. paged storage). Each run serves QUEUE x batch requests (static batches for vanilla and
+i.e. paged storage). Each run serves queue x batch requests (batch 1: 2) (static batches for vanilla and
 transformers; the engine refills its slots from its queue).
 
 The machine's read bandwidth is measured in the same run (a 256 MiB fp32 buffer streamed by a sum
@@ -41,11 +41,12 @@ from haipai_lightning.config import ModelConfig  # noqa: E402
 from haipai_lightning.decode.engine import Engine  # noqa: E402
 from haipai_lightning.decode.generate import generate  # noqa: E402
 from haipai_lightning.decode.sampling import SamplingConfig  # noqa: E402
+from haipai_lightning.decode.static import StaticDecoder  # noqa: E402
 from haipai_lightning.model.decoder import HaipaiModel  # noqa: E402
 from haipai_lightning.model.routing.base import FullRecursion  # noqa: E402
 from haipai_lightning.model.routing.expert_choice import ExpertChoiceRouter  # noqa: E402
 
-QUEUE = 4  # requests per run = QUEUE x batch (batch 1: 2 requests)
+QUEUE = 2  # requests per run = QUEUE x batch (batch 1: 2 requests); --queue to change
 N_LAYERS = 14
 
 
@@ -142,14 +143,34 @@ def kv_bytes_per_seq(m: HaipaiModel, V: int, length: int) -> float:
     return cache.nbytes() / 4
 
 
+def profile_step(m: HaipaiModel, V: int, P: int, steps: int = 20) -> str:
+    """torch.profiler's self-CPU table of `steps` batch-1 decode steps of the static path: where the time goes."""
+    from torch.profiler import profile
+
+    steps = min(steps, m.cfg.max_seq_len - P - 4)
+    dec = StaticDecoder(m, 1, P + steps + 4)
+    with torch.no_grad():
+        nxt = dec.prefill(torch.randint(0, V, (1, P))).argmax(-1, keepdim=True)
+        for _ in range(3):
+            nxt = dec.step(nxt).argmax(-1, keepdim=True)
+        with profile() as prof:
+            for _ in range(steps):
+                nxt = dec.step(nxt).argmax(-1, keepdim=True)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+
+
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--router_steps", type=int, default=None, help="router training steps (default 300; quick 40)")
+    p.add_argument("--profile", action="store_true", help="also print torch.profiler's table of vanilla's batch-1 step")
+    p.add_argument("--queue", type=int, default=QUEUE, help="requests per run = queue x batch")
+    p.add_argument("--reps", type=int, default=None, help="alternating timed runs per arm (default 2; quick 1)")
+    p.add_argument("--router_steps", type=int, default=None, help="router training steps (default 150; quick 40)")
     args = p.parse_args()
     quick = args.quick
-    d, V, P, new, fixed, budget_mib, cap, reps = ((256, 2048, 16, 16, 8, 8, 24, 1) if quick
-                                                  else (384, 4096, 16, 48, 16, 64, 64, 3))
-    steps = args.router_steps or (40 if quick else 300)
+    d, V, P, new, fixed, budget_mib, cap, reps = ((256, 2048, 16, 12, 4, 4, 12, 1) if quick
+                                                  else (384, 4096, 16, 48, 16, 32, 48, 2))
+    reps = args.reps or reps
+    steps = args.router_steps or (40 if quick else 150)
     max_len = P + new + 1
     nrs = [4] if quick else [2, 3, 4]
     models = {"vanilla": build(1, d, V, max_len)}
@@ -194,7 +215,7 @@ def main() -> None:
     t_start = time.perf_counter()
     with torch.no_grad():
         for label, sizes in batches.items():
-            n_req = {k: (2 if label == "batch1" else QUEUE * B) for k, B in sizes.items()}
+            n_req = {k: (2 if label == "batch1" else args.queue * B) for k, B in sizes.items()}
             prompts = {k: torch.randint(0, V, (n_req[k], P)) for k in arms}
             eff: dict[str, float] = {}
 
@@ -234,6 +255,8 @@ def main() -> None:
         headline[f"speedup_fixed_batch_nr{nr}"] = tps[(f"MoR EC Nr={nr}", "fixed")] / tps[("vanilla", "fixed")]
         headline[f"layers_per_token_nr{nr}"] = layers[f"MoR EC Nr={nr}"]
     print("headline:", {k: round(v, 3) for k, v in headline.items()})
+    if args.profile:
+        print(profile_step(models["vanilla"], V, P))
     write_json(args.json, headline, rows=rows, kv_bytes_per_seq=per_seq, read_bandwidth=bw,
                weight_bytes_per_token=wbytes, routers=train_info, total_s=time.perf_counter() - t_start,
                goals={"vanilla_vs_transformers_batch1": 2.0, "vanilla_vs_transformers_fixed_batch": 1.2,

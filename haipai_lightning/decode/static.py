@@ -201,10 +201,9 @@ class StaticDecoder:
         B, T, _ = h.shape
         H, Hkv, hd = self.H, self.Hkv, self.hd
         x = _rms(h, lay.n1, lay.eps1)
-        q, k, v = lay.qkv(x).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
-        q = apply_rope(q.view(B, T, H, hd), cos, sin).transpose(1, 2)  # (B, H, T, hd)
-        k = apply_rope(k.view(B, T, Hkv, hd), cos, sin).transpose(1, 2)  # (B, Hkv, T, hd)
-        return q, k, v.view(B, T, Hkv, hd).transpose(1, 2)
+        qk, v = lay.qkv(x).split([(H + Hkv) * hd, Hkv * hd], dim=-1)
+        qk = apply_rope(qk.view(B, T, H + Hkv, hd), cos, sin).transpose(1, 2)  # queries and keys in one rotation
+        return qk[:, :H], qk[:, H:], v.view(B, T, Hkv, hd).transpose(1, 2)  # (B, H|Hkv, T, hd)
 
     def _attend_out(self, lay: _Layer, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         B, T, _ = h.shape

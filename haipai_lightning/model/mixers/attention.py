@@ -184,14 +184,26 @@ class Attention(nn.Module):
         In training, one matmul against the concatenated weights: one GEMM instead of three, and
         autograd sums one gradient for x instead of three (measured ~20% off these projections'
         forward + backward on CPU at d=256). Only for plain nn.Linear (a quantized or wrapped
-        projection keeps its own forward), and not without grad: a decode step's matmul is as
-        small as the weight copy the concatenation costs.
+        projection keeps its own forward). Without grad (decoding, the engine's block passes) the
+        concatenated weight is kept between calls -- concatenating per step would copy as many bytes
+        as the small matmul reads -- and rebuilt when a weight's storage or in-place version changes
+        (an optimizer step, a load, a rotation); not under torch.compile (data_ptr is not traceable).
         """
         lins = (self.wq, self.wk, self.wv)
-        if torch.is_grad_enabled() and all(type(m) is nn.Linear for m in lins):
+        if not all(type(m) is nn.Linear for m in lins):
+            return self.wq(x), self.wk(x), self.wv(x)
+        if torch.is_grad_enabled():
             w = torch.cat([m.weight for m in lins])  # (Hq*hd + 2*Hkv*hd, D)
-            return F.linear(x, w).split([m.out_features for m in lins], dim=-1)
-        return self.wq(x), self.wk(x), self.wv(x)
+        elif torch.compiler.is_compiling():
+            return self.wq(x), self.wk(x), self.wv(x)
+        else:
+            key = tuple((m.weight.data_ptr(), m.weight._version) for m in lins)
+            held = self.__dict__.get("_decode_qkv")  # not a buffer: no state-dict entry, never saved
+            if held is None or held[0] != key:
+                held = (key, torch.cat([m.weight.detach() for m in lins]))
+                self.__dict__["_decode_qkv"] = held
+            w = held[1]
+        return F.linear(x, w).split([m.out_features for m in lins], dim=-1)
 
     def _window_mask(self, mask: torch.Tensor | None, T: int, S: int, kv: KVView | None, share: KVShare | None,
                      reuse: bool, device: torch.device) -> torch.Tensor:
