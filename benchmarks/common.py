@@ -42,16 +42,19 @@ def time_fn(fn: Callable[[], Any], warmup: int = 1, reps: int = 3) -> float:
     return statistics.median(times)
 
 
-def alternate(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
-    """Median seconds of each fn, run in alternation so machine noise hits them alike."""
+def alternate(fns: dict[str, Callable[[], Any]], reps: int,
+              clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median seconds of each fn, run in alternation so machine noise hits them alike.
+    clock: wall time by default; time.process_time counts this process's CPU seconds (an oversubscribed
+    machine: with one torch thread, the time the work would take on an idle core)."""
     for f in fns.values():
         f()  # warm-up
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             f()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(clock() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 

@@ -110,22 +110,22 @@ def llama_peer(cfg: ModelConfig):
     return LlamaForCausalLM(hf).eval()
 
 
-def read_bandwidth(reps: int = 3) -> dict[str, float]:
+def read_bandwidth(reps: int = 3, clock=time.perf_counter) -> dict[str, float]:
     """Bytes/s this machine streams from memory at the current thread count (256 MiB, beyond any cache)."""
     buf = torch.randn(2**26)  # 256 MiB fp32
     mat, x = buf.view(-1, 4096), torch.randn(1, 2**26 // 4096)
     out = {}
     for name, f in (("sum", lambda: buf.sum()), ("gemv", lambda: x @ mat)):
         f()
-        best = min(_timed(f) for _ in range(reps))
+        best = min(_timed(f, clock) for _ in range(reps))
         out[name] = buf.numel() * 4 / best
     return out
 
 
-def _timed(f) -> float:
-    t0 = time.perf_counter()
+def _timed(f, clock) -> float:
+    t0 = clock()
     f()
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def weight_bytes_per_token(m: HaipaiModel) -> int:
@@ -162,6 +162,10 @@ def profile_step(m: HaipaiModel, V: int, P: int, steps: int = 20) -> str:
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's table of vanilla's batch-1 step")
+    p.add_argument("--cpu_time", action="store_true",
+                   help="time by this process's CPU seconds (time.process_time), not wall time: for a machine shared "
+                        "by other jobs; use with --threads 1")
+    p.add_argument("--nrs", type=int, nargs="+", default=None, help="MoR recursion counts (default 2 3 4; quick 4)")
     p.add_argument("--queue", type=int, default=QUEUE, help="requests per run = queue x batch")
     p.add_argument("--reps", type=int, default=None, help="alternating timed runs per arm (default 2; quick 1)")
     p.add_argument("--router_steps", type=int, default=None, help="router training steps (default 150; quick 40)")
@@ -172,7 +176,7 @@ def main() -> None:
     reps = args.reps or reps
     steps = args.router_steps or (40 if quick else 150)
     max_len = P + new + 1
-    nrs = [4] if quick else [2, 3, 4]
+    nrs = sorted(args.nrs or ([4] if quick else [2, 3, 4]))
     models = {"vanilla": build(1, d, V, max_len)}
     train_info = {}
     for nr in nrs:
@@ -180,7 +184,8 @@ def main() -> None:
         train_info[f"MoR EC Nr={nr}"] = train_routers(m, V, steps, f"ec_nr{nr}_d{d}_V{V}")
         models[f"MoR EC Nr={nr}"] = m
     peer = llama_peer(models["vanilla"].cfg)
-    bw = read_bandwidth()
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    bw = read_bandwidth(clock=clock)
     bandwidth = max(bw.values())
     wbytes = weight_bytes_per_token(models["vanilla"])
     torch.manual_seed(1)
@@ -222,7 +227,7 @@ def main() -> None:
             def job(k):
                 return lambda: eff.__setitem__(k, run(k, prompts[k], sizes[k]))
 
-            secs = alternate({k: job(k) for k in arms}, reps)  # the arms take turns: noise hits them alike
+            secs = alternate({k: job(k) for k in arms}, reps, clock)  # the arms take turns: noise hits them alike
             for k in arms:
                 tps[(k, label)] = n_req[k] * new / secs[k]
                 layers[k] = eff[k]
@@ -235,7 +240,8 @@ def main() -> None:
         r["vs transformers"] = r["tokens/s"] / tps[("transformers", label)]
     print(f"d={d}, {N_LAYERS} layers (MoR: middle-cycle, routers trained {steps} steps), vocab {V}, prompt {P} + "
           f"{new} new tokens, greedy, KV budget {budget_mib} MiB (batch cap {cap}), torch threads "
-          f"{torch.get_num_threads()}, median of {reps} alternating runs")
+          f"{torch.get_num_threads()}, median of {reps} alternating runs, "
+          f"{'CPU seconds of this process' if args.cpu_time else 'wall time'}")
     print(f"read bandwidth: {', '.join(f'{k} {v / 1e9:.1f} GB/s' for k, v in bw.items())}; weights read per "
           f"token {wbytes / 1e6:.1f} MB -> batch-1 bound {bandwidth / wbytes:.1f} tokens/s")
     print(table(rows, ["model", "batch", "tokens/s", "vs vanilla", "vs transformers", "layers/token", "KV KiB/seq"]))
@@ -258,7 +264,8 @@ def main() -> None:
     if args.profile:
         print(profile_step(models["vanilla"], V, P))
     write_json(args.json, headline, rows=rows, kv_bytes_per_seq=per_seq, read_bandwidth=bw,
-               weight_bytes_per_token=wbytes, routers=train_info, total_s=time.perf_counter() - t_start,
+               weight_bytes_per_token=wbytes, routers=train_info, clock="cpu" if args.cpu_time else "wall",
+               total_s=time.perf_counter() - t_start,
                goals={"vanilla_vs_transformers_batch1": 2.0, "vanilla_vs_transformers_fixed_batch": 1.2,
                       "batch1_fraction_of_bandwidth_bound": 0.6, "speedup_max_batch": 2.0})
 
