@@ -233,7 +233,10 @@ def main() -> None:
                 layers[k] = eff[k]
                 rows.append({"model": k, "batch": f"{label} {sizes[k]}", "tokens/s": tps[(k, label)],
                              "layers/token": eff[k], "KV KiB/seq": per_seq[k] / 1024})
-            print(f"{label} done ({time.perf_counter() - t_start:.0f} s)", flush=True)
+            print(f"{label} done ({time.perf_counter() - t_start:.0f} s):",
+                  {k: round(tps[(k, label)], 1) for k in arms}, flush=True)
+            # written after each batch size, so a run that is stopped keeps what it measured
+            write_json(args.json, {}, rows=rows, partial=True, read_bandwidth=bw, weight_bytes_per_token=wbytes)
     for r in rows:
         label = r["batch"].split()[0]
         r["vs vanilla"] = r["tokens/s"] / tps[("vanilla", label)]
