@@ -40,11 +40,11 @@ SHAPES = {
     "larger": dict(d_model=384, n_layers=8, n_heads=6, n_kv_heads=2, ffn_hidden=1024),
 }
 QUICK_SHAPES = {"quick": dict(d_model=96, n_layers=5, n_heads=4, n_kv_heads=2, ffn_hidden=192)}
-QUICK_METHODS = ["int4", "int4_gptq", "int3_rtn", "int3_gptq", "int3_guided", "w4a4kv4", "w4a4kv4_spinquant"]
+QUICK_METHODS = ["int4", "int4_gptq", "int3_rtn", "int3_gptq", "int3_guided", "int3_lnq", "w4a4kv4", "w4a4kv4_spinquant"]
 HEADLINE = {"int8": "int8", "int4": "int4", "int4_rotated": "int4_rotated", "w4a4": "w4a4",
             "w4a4_rotated": "w4a4_rotated", "w4a4kv4": "w4a4kv4", "int4_gptq": "int4_gptq",
             "int4_guided": "int4_guided", "int3_rtn": "int3_rtn", "int3_gptq": "int3_gptq",
-            "int3_guided": "int3_guided", "w4a4kv4_hadamard": "w4a4kv4", "w4a4kv4_spinquant": "w4a4kv4_spinquant"}
+            "int3_guided": "int3_guided", "int3_lnq": "int3_lnq", "w4a4kv4_hadamard": "w4a4kv4", "w4a4kv4_spinquant": "w4a4kv4_spinquant"}
 
 
 def goals(h: dict, prefix: str = "") -> dict[str, bool]:
