@@ -62,8 +62,6 @@ class AdaptiveSpanAttention(Attention):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVView | None = None,
                 share: KVShare | None = None, valid: torch.Tensor | None = None,
                 records: list[RouterRecord] | None = None) -> torch.Tensor:
-        if share is not None and share.sharing:
-            raise ConfigError("AdaptiveSpanAttention does not support model.config.kv_mode=shared")
 
         def weight_fn(w: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
             return w * self.span_mask(dist)  # dist (B|1, 1, T, S) -> mask (B|1, H, T, S)
