@@ -90,7 +90,7 @@ def main() -> None:
     args = p.parse_args()
     shapes = QUICK_SHAPES if args.quick else SHAPES
     seq = 64 if args.quick else 128
-    steps = args.steps or ([40] if args.quick else [200, 100])
+    steps = args.steps or ([200] if args.quick else [200, 100])  # quick: 200 steps, enough for the methods to differ
     val_n = args.val_batches or (2 if args.quick else 10)
     calib_n = args.calib_batches or (2 if args.quick else 4)
     dm = TextDataModule(source="kjv", seq_len=seq, batch_size=16, vocab_size=4096)
