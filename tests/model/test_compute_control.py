@@ -209,3 +209,18 @@ def test_learned_p_model_trains():
     m = HaipaiModel(tiny_config(), mlp=partial(AdaptiveTopPMoE, n_experts=4, threshold=0.5, learned_p=True))
     losses = train_fixed_batch(m, _x(2, 13), steps=6)
     assert losses[-1] < losses[0]
+
+
+def test_mindskip_flops_count_the_skipped_attention():
+    from haipai_lightning.analysis.flops import forward_flops
+
+    base, full = _skip_model(1.0, FullRecursion)
+    _, half = _skip_model(0.5, FullRecursion)
+    x = _x(2, 16)
+    f_base = forward_flops(base, base.train()(x).records, 2, 16)
+    assert forward_flops(full, full.train()(x).records, 2, 16) == pytest.approx(f_base)
+    f_half = forward_flops(half, half.train()(x).records, 2, 16)
+    attn = sum(lin.weight.numel() for lin in base.layers[0].mixer.stream_io()[0] + base.layers[0].mixer.stream_io()[1])
+    # 5 attention applications, half of the 32 tokens skip their 4 projections (pairs: 8*9/2 of 16*17/2 per row)
+    pairs = 5 * 2 * (16 * 17 / 2 - 8 * 9 / 2) * 2 * 2 * 32
+    assert f_base - f_half == pytest.approx(5 * 2 * 16 * attn + pairs)

@@ -50,6 +50,7 @@ class MindSkipAttention(Attention):
     """
 
     routed = True
+    routes_values = True  # FLOP counting (analysis/flops.py): a skipped token computes no q, k, v or output
 
     def __init__(self, cfg: ModelConfig, capacity: float = 0.5, layers: Sequence[int] | None = None,
                  aux_loss_weight: float = 0.01, window: int | None = None, flash: bool = True,
@@ -77,6 +78,11 @@ class MindSkipAttention(Attention):
     def skipping(self) -> bool:
         return self.layers is None or self.layer_index in self.layers
 
+    @property
+    def attention_fraction(self) -> float:
+        """The configured fraction of tokens that run this attention (FLOP planning; records say the realised)."""
+        return self.capacity if self.skipping else 1.0
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVView | None = None,
                 share: KVShare | None = None, valid: torch.Tensor | None = None,
                 records: list[RouterRecord] | None = None) -> torch.Tensor:
@@ -86,6 +92,18 @@ class MindSkipAttention(Attention):
         B, T, _ = x.shape
         if valid is None and kv is not None:  # with a cache the routed step's pads are marked in the view
             valid = kv.valid
+        if not self.training and T == 1 and self.capacity < 1:  # a decoding step: one threshold, no top-k
+            logit = self.skip_router.threshold_logit(x)  # (B, 1)
+            run = (torch.sigmoid(logit) > 0.5) & (valid if valid is not None else True)
+            if records is not None:
+                frac = run.float().mean()
+                records.append(RouterRecord("mindskip", None, torch.sigmoid(logit.detach()), run, {}, {},
+                                            {"capacity": frac, "routed_fraction": frac}, layer=self.layer_index,
+                                            application=next_application(records, "mindskip", self.layer_index)))
+            if not bool(run.any()):
+                return torch.zeros_like(x)  # the whole batch skips this attention
+            if bool((run == (valid if valid is not None else True)).all()):
+                return super().forward(x, cos, sin, kv, share, valid)  # gate value 1 (no gradient in decoding)
         cand = Selection(None, valid, T)  # every row's real tokens are the candidates
         n_real = valid.sum(1) if valid is not None else torch.full((B,), T, device=x.device)
         k = capacity_k(self.capacity, T) if valid is None else capacity_k_rows(
@@ -95,6 +113,7 @@ class MindSkipAttention(Attention):
         sel, logits, aux, metrics = self.skip_router.decide(x, cand, k, use_threshold=use_thr)
         mask = sel.mask(B, x.device) & (valid if valid is not None else True)  # (B, T) ran the attention
         metrics["capacity"] = mask.sum() / n_real.sum().clamp(min=1)
+        metrics["routed_fraction"] = metrics["capacity"]  # FLOP counting reads it (analysis/flops.py)
         if records is not None:
             records.append(RouterRecord("mindskip", None, torch.sigmoid(logits.detach()), mask, aux,
                                         {"bce": self.aux_loss_weight}, metrics, layer=self.layer_index,
@@ -102,6 +121,11 @@ class MindSkipAttention(Attention):
         out = torch.zeros_like(x)
         if sel.idx is not None and sel.idx.size(1) == 0:
             return out  # every token skips: no attention at all
+        if not self.training and bool((mask == (valid if valid is not None else True)).all()):
+            # every real token runs (a decoding step whose token the router keeps): no gather needed
+            y = super().forward(x, cos, sin, kv, share, valid)
+            p = torch.sigmoid(logits[..., None])
+            return y * (1 + p - p.detach())
         pos = self._positions(B, T, kv, share, x.device)  # (B, T) absolute positions
         sub_pos = sel.positions(pos)  # (B, k)
         sub_valid = sel.valid if sel.valid is not None else None

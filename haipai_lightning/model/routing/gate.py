@@ -74,7 +74,7 @@ class TopKGate(nn.Module):
             aux["bce"] = F.binary_cross_entropy_with_logits(pred_logits[valid], target[valid].float())
         thresh = (torch.sigmoid(pred_logits) > threshold) & valid
         # agreement of causal threshold routing with top-k routing over the candidates
-        metrics["sampling_acc"] = ((thresh == target) | ~valid).float().sum() / valid.sum().clamp(min=1)
+        metrics["sampling_acc"] = ((thresh == target) & valid).float().sum() / valid.sum().clamp(min=1)
         if use_threshold:
             return select_mask(thresh), logits, aux, metrics
         return topk, logits, aux, metrics
