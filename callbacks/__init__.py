@@ -8,6 +8,7 @@ from callbacks.growth import GrowthSchedule
 from callbacks.nonfinite import NonFiniteGuard
 from callbacks.post_training_quantization import PostTrainingQuantization
 from callbacks.router_telemetry import RouterTelemetry
+from callbacks.router_tuning import RouterTuning
 
 __all__ = ["CurriculumSwitch", "DepthCurriculum", "FitSummary", "FlopBudget", "GracefulStop", "GrowthSchedule",
-           "NonFiniteGuard", "PostTrainingQuantization", "RouterTelemetry"]
+           "NonFiniteGuard", "PostTrainingQuantization", "RouterTelemetry", "RouterTuning"]

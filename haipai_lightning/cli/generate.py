@@ -36,7 +36,8 @@ def generate_command(
         top_k: keep the k most likely tokens (null = all).
         top_p: nucleus sampling mass (null or 1 = off).
         seed: random seed (null = nondeterministic); request i of a prompts file uses seed + i.
-        depth_budget: cap on the mean recursion depth of the generated tokens (1..Nr; engine).
+        depth_budget: cap on the mean recursion depth of the generated tokens (1..Nr; engine); for a model
+            with a budget head, the mean depth (or MoD capacity) its routers are set to.
         speculative: greedy speculative decoding with this many drafted tokens per round (0 = off).
         draft_depth: recursion steps of the draft (the same model stopped early).
     """
@@ -89,8 +90,11 @@ def generate_command(
         print(f"[speculative: {stats['tokens_per_round']:.2f} tokens per full-model pass, "
               f"acceptance {stats['acceptance']:.2f}]", file=sys.stderr)
         return texts
-    if prompts is None and depth_budget is None:
-        texts = [tok.decode(generate(model, torch.tensor([encoded[0]]), sampling)[0].tolist())]
+    # a model with a budget head (model/budget.py) takes --depth_budget as the compute its routers are set to
+    # (unset: the head chooses from the prompt); the engine caps the depth of the others
+    budgeted = getattr(model.router, "budget_head", None) is not None
+    if prompts is None and (depth_budget is None or budgeted):
+        texts = [tok.decode(generate(model, torch.tensor([encoded[0]]), sampling, budget=depth_budget)[0].tolist())]
         print(texts[0])
         return texts
     engine = Engine(model, max_batch=batch_size, max_len=model.cfg.max_seq_len)

@@ -9,8 +9,11 @@ from haipai_lightning.model.decoder import HaipaiModel
 
 
 @torch.no_grad()
-def generate(model: HaipaiModel, input_ids: torch.Tensor, s: SamplingConfig) -> torch.Tensor:
-    """input_ids (B, T) -> (B, T + new): one prefill, then one cached step per new token."""
+def generate(model: HaipaiModel, input_ids: torch.Tensor, s: SamplingConfig,
+             budget: float | torch.Tensor | None = None) -> torch.Tensor:
+    """input_ids (B, T) -> (B, T + new): one prefill, then one cached step per new token.
+    `budget`: the compute of each sequence in the router's budget unit (model/budget.py; None = the
+    router's budget head chooses from the prompt, if it has one)."""
     model.eval()
     total = input_ids.size(1) + s.max_new_tokens
     if total > model.cfg.max_seq_len:
@@ -22,10 +25,10 @@ def generate(model: HaipaiModel, input_ids: torch.Tensor, s: SamplingConfig) -> 
     if s.seed is not None:
         gen = torch.Generator(device=input_ids.device).manual_seed(s.seed)
     cache = model.new_cache(total)
-    logits = model(input_ids, cache=cache).logits[:, -1]
+    logits = model(input_ids, cache=cache, budget=budget).logits[:, -1]
     out = [input_ids]
     for _ in range(s.max_new_tokens):
         nxt = sample_next(logits.float(), s, gen)[:, None]  # (B, 1)
         out.append(nxt)
-        logits = model(nxt, cache=cache).logits[:, -1]
+        logits = model(nxt, cache=cache, budget=budget).logits[:, -1]
     return torch.cat(out, dim=1)

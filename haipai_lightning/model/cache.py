@@ -196,9 +196,16 @@ class KVCache:
         self.layers = [LayerKV(max_len) for _ in range(n_applications)]
         self.max_len = max_len
         self.seen = 0  # tokens processed so far (the next token's position)
+        self.routing_state: dict[str, Any] = {}  # per-sequence routing memory (the budget head's prefix sum)
 
     def __getitem__(self, i: int) -> LayerKV:
         return self.layers[i]
+
+    def ensure(self, n_applications: int) -> None:
+        """Grow to n_applications caches: test-time extra recursion steps (decoder.forward max_depth > Nr)
+        keep their keys/values after the coda's (full-precision LayerKVs, also in a quantized cache)."""
+        while len(self.layers) < n_applications:
+            self.layers.append(LayerKV(self.max_len))
 
     def nbytes(self) -> int:
         """Bytes of keys/values stored over all applications (what MoR's KV modes save)."""
