@@ -55,8 +55,9 @@ def nearest_budget(table: dict[int, int], n: int) -> int:
     return min(table, key=lambda b: (abs(math.log(b) - math.log(n)), b))
 
 
-def token_budget_error(n: Any, table: dict[int, int], max_new_tokens: int) -> str | None:
-    """Why `n` is not a usable token budget for this model and max_new_tokens (None: it is)."""
+def token_budget_error(n: Any, table: dict[int, int], max_new_tokens: int, limit: str = "max_new_tokens") -> str | None:
+    """Why `n` is not a usable token budget for this model and max_new_tokens (None: it is); `limit` names
+    the length cap as the caller's user knows it (`max_tokens` in the server)."""
     if not table:
         return ("this model knows no token budgets (its tokenizer has no <|budget_N|> tokens): train it with "
                 "datamodules.TokenBudgetDataModule, or leave the token budget out")
@@ -64,5 +65,5 @@ def token_budget_error(n: Any, table: dict[int, int], max_new_tokens: int) -> st
         return (f"must be an integer in [1, {max(table)}] (the model was trained with budgets "
                 f"{min(table)}..{max(table)} tokens)")
     if n >= max_new_tokens:
-        return f"leaves no room for the end token within max_new_tokens={max_new_tokens}; raise max_new_tokens above it"
+        return f"leaves no room for the end token within {limit}={max_new_tokens}; raise {limit} above it"
     return None

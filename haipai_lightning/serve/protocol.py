@@ -151,7 +151,7 @@ def parse_completion(raw: bytes, served: ServedModel, encode: Callable[[str], li
     p.depth_budget = None if budget is None else float(budget)
     p.token_budget = body.get("token_budget")
     if p.token_budget is not None:
-        why = token_budget_error(p.token_budget, dict(served.budget_tokens), p.max_tokens)
+        why = token_budget_error(p.token_budget, dict(served.budget_tokens), p.max_tokens, "max_tokens")
         if why is None and p.ignore_eos:
             why = "ends the completion at the end token: ignore_eos must be false"
         if why:
