@@ -73,7 +73,7 @@ def _val(model: HaipaiModel, batches: list) -> tuple[float, float | None]:
 def acm_arm(args) -> tuple[list[dict], dict]:
     from datamodules import TextDataModule
 
-    steps, n_val, seq = (240, 4, 64) if args.quick else (1200, 16, 128)
+    steps, n_val, seq = (160, 4, 64) if args.quick else (1200, 16, 128)
     N = 4
     dm = TextDataModule(source="kjv", seq_len=seq, batch_size=16, vocab_size=1024,
                         max_documents=300 if args.quick else None, cache_dir=CACHE)
@@ -126,7 +126,7 @@ def _continue(model: HaipaiModel, prompts: list[list[int]], budgets: list[int], 
 def token_budget_arm(args) -> tuple[list[dict], dict]:
     from datamodules.token_budget import TokenBudgetDataModule
 
-    steps, n_prompts, seq = (500, 32, 96) if args.quick else (2500, 96, 128)
+    steps, n_prompts, seq = (400, 24, 80) if args.quick else (2000, 96, 128)
     dm = TokenBudgetDataModule(source="kjv", seq_len=seq, batch_size=16, vocab_size=1024, budget_min=4,
                                budget_max=32, prompt_min=4, prompt_max=24, max_documents=300 if args.quick else None,
                                cache_dir=CACHE)
