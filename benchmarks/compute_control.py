@@ -10,13 +10,16 @@ trained briefly on the King James Bible; every arm starts from it (or from a sib
                     vs realised (causal threshold routing) and validation loss at three budgets, and the head's
                     own choice
   test-time depth   validation loss at 1..Nr+2 recursion steps for the expert-choice and a full-recursion model
+  ACM               Adaptive Computation Modules vs the dense MLP at equal training steps (compute_control_arms.py)
+  token budget      TALE-style budget-aware generation: median |length - budget| / budget (compute_control_arms.py)
 
     python benchmarks/compute_control.py [--quick] [--json out.json]
 
 Each arm is `arm_x(args) -> (table rows, headline entries)`; ARMS lists them (other arms plug in there).
 Headline: router_tuning_decode_speedup and router_tuning_val_loss_delta (capacity 0.5),
 budget_tracking_error (mean |realised - requested| / requested over the three budgets),
-test_time_depth_best (the depth of the lowest validation loss, expert-choice model).
+test_time_depth_best (the depth of the lowest validation loss, expert-choice model), acm_val_loss_delta,
+token_budget_rel_error (goal <= 0.25).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import alternate, parser, table, write_json  # noqa: E402
+from benchmarks.compute_control_arms import acm_arm, token_budget_arm  # noqa: E402
 from callbacks.router_tuning import freeze_all_but  # noqa: E402
 from datamodules import TextDataModule  # noqa: E402
 from haipai_lightning.analysis.flops import forward_flops  # noqa: E402
@@ -192,7 +196,7 @@ def arm_test_time_depth(args: Any) -> tuple[list[dict], dict]:
     return rows, {"test_time_depth_best": best["expert_choice"], "test_time_depth_best_full": best["full_recursion"]}
 
 
-ARMS: list[Arm] = [arm_router_tuning, arm_budget, arm_test_time_depth]
+ARMS: list[Arm] = [arm_router_tuning, arm_budget, arm_test_time_depth, acm_arm, token_budget_arm]
 
 
 def main() -> None:

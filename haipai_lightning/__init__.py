@@ -44,6 +44,7 @@ _EXPORTS: dict[str, str] = {
     "BudgetHead": "model.budget",
     "SwiGLU": "model.mlps.dense", "TokenChoiceMoE": "model.mlps.moe", "ExpertChoiceMoE": "model.mlps.moe",
     "AdaptiveTopPMoE": "model.mlps.moe", "MixtureOfTokens": "model.mlps.mot",
+    "AdaptiveComputationModule": "model.mlps.acm", "acmize": "train.acm",
     # training
     "MoRLightningModule": "train.module", "TrapezoidLR": "train.schedules", "param_groups": "train.schedules",
     "GaLoreAdamW": "train.optimizers", "QGaLoreAdamW": "train.optimizers", "AdamW8bit": "train.optimizers",

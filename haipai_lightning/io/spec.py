@@ -31,6 +31,7 @@ _BUILTIN_NAMES = (
     "SwiGLU", "TokenChoiceMoE", "ExpertChoiceMoE", "AdaptiveTopPMoE", "MixtureOfTokens",
     "MixtureOfHeadsAttention", "AdaptiveSpanAttention", "DTRNetAttention", "CoPEAttention",
     "CoreContextAttention", "MindSkipAttention",
+    "AdaptiveComputationModule",  # model/mlps/acm.py (issue 20)
 )
 _registry: dict[str, type] = {}  # any accepted class path -> class
 _public: dict[type, str] = {}  # class -> the path recorded in new checkpoints
