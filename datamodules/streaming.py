@@ -204,20 +204,6 @@ class BlockList(Dataset):
         return {"input_ids": block[:-1], "labels": block[1:]}
 
 
-def linked_vocab_size(data) -> int:
-    """The CLI link data -> model.config.vocab_size, at parse time, for either data module: the config's
-    data.vocab_size, or (StreamingDataModule with vocab_size null) the prepared tokenizer's id space."""
-    args = data.get("init_args", data) if isinstance(data, dict) else getattr(data, "init_args", data)
-    get = args.get if hasattr(args, "get") else lambda k, default=None: getattr(args, k, default)
-    if get("vocab_size") is not None:
-        return int(get("vocab_size"))
-    prepared = get("prepared")
-    dirs = [prepared] if isinstance(prepared, str) else list(prepared or [])
-    if not dirs:
-        raise ConfigError("set data.vocab_size (or data.prepared for datamodules.StreamingDataModule)")
-    return max(load_index(d)["vocab_size"] for d in dirs)
-
-
 class StreamingDataModule(MultiScaleHook, L.LightningDataModule):
     """Packed next-token blocks streamed from directories written by `haipai prepare`.
 

@@ -281,7 +281,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys):
 
 
 def test_overwrite_and_the_cli_vocab_link(kjv_dir, tmp_path):
-    from datamodules.streaming import linked_vocab_size
+    from datamodules.text import resolve_vocab_size
 
     out = str(tmp_path / "o")
     small = dict(source="kjv", out=out, vocab_size=300, bpe_sample_mb=0.1, max_documents=20)
@@ -290,7 +290,7 @@ def test_overwrite_and_the_cli_vocab_link(kjv_dir, tmp_path):
     again = prepare(**small, overwrite=True)
     assert load_index(out) == again and not list((tmp_path / "o").glob("*.tmp"))
     vocab = load_index(kjv_dir)["vocab_size"]
-    assert linked_vocab_size({"class_path": "datamodules.TextDataModule", "init_args": {"vocab_size": 4096}}) == 4096
-    assert linked_vocab_size({"class_path": "x", "init_args": {"prepared": [kjv_dir, out], "vocab_size": None}}) \
-        == max(vocab, again["vocab_size"])
-    assert StreamingDataModule(kjv_dir).vocab_size == vocab == linked_vocab_size({"prepared": kjv_dir})
+    assert resolve_vocab_size(4096, [kjv_dir]) == 4096 and resolve_vocab_size(None) == 8192
+    assert resolve_vocab_size(None, [kjv_dir, out]) == max(vocab, again["vocab_size"])
+    assert StreamingDataModule(kjv_dir).vocab_size == vocab == resolve_vocab_size(None, kjv_dir)
+    assert resolve_vocab_size(None, None, os.path.join(kjv_dir, "tokenizer.json")) == vocab
