@@ -284,7 +284,7 @@ def load_index(prepared: str | os.PathLike) -> dict:
     d = Path(prepared).expanduser()
     if not (d / INDEX).is_file():
         raise ConfigError(f"data.prepared={str(d)!r} is not a prepared directory (no {INDEX}); "
-                          f"run `haipai prepare --source ... --out {d}` first")
+                          f"run `haipai prepare --source ... --out {d}` first (or set data.prepared null to read data.source)")
     try:
         index = json.loads((d / INDEX).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
