@@ -255,9 +255,11 @@ def test_prepare_command_parses_and_prints(tmp_path, capsys):
     parser = ArgumentParser()
     parser.add_function_arguments(prepare_command, as_positional=False)
     cfg = parser.parse_args(["--source", "kjv", "--out", str(tmp_path / "o"), "--vocab_size", "300",
-                             "--bpe_sample_mb", "0.1", "--max_documents", "20", "--workers", "2", "--verify", "true"])
+                             "--bpe_sample_mb", "0.1", "--max_documents", "20", "--workers", "2", "--verify", "true",
+                             "--scores", "[length]"])
     index = prepare_command(**cfg.as_dict())
     assert "use data.prepared=" in capsys.readouterr().out and index["n_documents"]["train"] > 0
+    assert load_index(tmp_path / "o")["scores"]["length"][0]["n_tokens"] == index["n_documents"]["train"]
 
 
 def test_cli_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys):
