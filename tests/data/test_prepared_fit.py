@@ -13,7 +13,7 @@ from datamodules.prepare import load_index, prepare, verify
 from datamodules.prepared_curriculum import add_scores, doc_ends, read_array, read_tokens
 from haipai_lightning.cli.main import main
 from haipai_lightning.config import ConfigError
-from haipai_lightning.io.checkpoint import load_checkpoint_file
+from haipai_lightning.io.checkpoint import CHECKPOINT_KEY, load_checkpoint_file
 
 QUICK = str(Path(__file__).parents[2] / "configs" / "quickstart.yaml")
 
@@ -87,6 +87,7 @@ def test_haipai_fit_streams_prepared_data_from_yaml(scored, tmp_path, capsys):
     ckpt = load_checkpoint_file(last[0])
     assert ckpt["hyper_parameters"]["config"]["vocab_size"] == load_index(scored)["vocab_size"] == 300
     assert ckpt["TextDataModule"]["batches_done"] == 4 and ckpt["TextDataModule"]["seq_len"] == 16
+    assert ckpt[CHECKPOINT_KEY]["tokenizer"] == (Path(scored) / "tokenizer.json").read_text()  # for generate
     config = (Path(last[0]).parents[1] / "config.yaml").read_text()
     assert f"prepared: {scored}" in config
     with pytest.raises(SystemExit) as e:  # a typo in the directory: one line naming the field, exit 2
