@@ -94,3 +94,15 @@ def test_haipai_fit_streams_prepared_data_from_yaml(scored, tmp_path, capsys):
         main(["fit", "--config", QUICK, "--data.prepared", str(tmp_path / "nope"), "--trainer.max_steps", "1"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert e.value.code == 2 and "data.prepared" in err and "haipai prepare" in err
+
+
+def test_bad_prepared_settings_are_one_line(scored):
+    cases = [(dict(weights=[1.0]), "data.weights weighs data.prepared"),
+             (dict(prepared=scored, curriculum="reference_loss", curriculum_reference="x.ckpt"), "--score_reference"),
+             (dict(prepared=[scored, scored], weights=[1, 1], curriculum="length"), "data.weights"),
+             (dict(prepared=scored + "-typo"), "set data.prepared null to read data.source"),
+             (dict(prepared=scored, seq_len=16, multiscale_lens=[16], multiscale_steps=[5]), "data.multiscale_steps")]
+    for kw, message in cases:
+        with pytest.raises(ConfigError, match=message) as e:
+            TextDataModule(**kw)
+        assert "\n" not in str(e.value)
