@@ -5,6 +5,8 @@ Layout of a prepared directory (read by datamodules.streaming.StreamingDataModul
     tokenizer.json        the tokenizer (trained on the first --bpe_sample_mb MB, or the one given)
     train-00000.bin ...   raw little-endian uint16/uint32 tokens, documents separated by EOS,
     val-00000.bin ...     every shard exactly shard_tokens long except the last of its split
+    train-docs-00000.bin  uint64 end offset of every train document in the train stream (curriculum)
+    train-scores-*.bin    optional: float64 difficulty per train document (prepared_curriculum.add_scores)
     index.json            format, dtype, vocab, EOS id, tokenizer sha256, per-shard tokens and sha256;
                           written LAST (after every shard was renamed from its .tmp name), so its
                           presence means the directory is complete

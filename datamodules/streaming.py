@@ -15,6 +15,9 @@ Order of an epoch (all O(1) memory, a pure function of (seed, epoch, draw number
     batches b with (b - first) mod Q == q, which the DataLoader's round robin returns in order b, so
     the batch sequence does not depend on num_workers.
   * exact resume: state_dict records (epoch, batches done); the next train loader starts there.
+  * curriculum (data.curriculum + callbacks.CurriculumSwitch): the blocks of each stage come from the
+    per-document scores stored at prepare time (prepared_curriculum.py) and are drawn by the same
+    CurriculumSampler as TextDataModule's; multi-scale batches: datamodules/multiscale.py.
 """
 
 from __future__ import annotations

@@ -9,6 +9,10 @@ prepare_data() does the slow work once and caches it under ``cache_dir/<key>/``:
                      the directory is complete and can be trusted
 
 setup() only memory-maps those files, so it is instant and cheap in every worker.
+
+With ``prepared`` (directories written by `haipai prepare`) none of this happens: the module hands
+setup, loaders and resume state to a StreamingDataModule, so `haipai fit` streams any corpus size from
+the same YAML ``data:`` section (docs/data.md).
 """
 
 from __future__ import annotations
