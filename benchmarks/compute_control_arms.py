@@ -43,6 +43,8 @@ def _cfg(vocab: int, seq: int) -> ModelConfig:
 
 def _train(model: HaipaiModel, batches, steps: int, lr: float = 3e-3) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    # linear decay to 10% (annealing sharpens what a short run learnt, e.g. where the end token goes)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - 0.9 * i / max(steps, 1))
     model.train()
     for _ in range(steps):
         b = next(batches)
@@ -51,6 +53,7 @@ def _train(model: HaipaiModel, batches, steps: int, lr: float = 3e-3) -> None:
         opt.zero_grad()
         (loss + sum(out.aux_losses.values(), torch.zeros(()))).backward()
         opt.step()
+        sched.step()
 
 
 def _forever(dm):
@@ -94,7 +97,7 @@ def acm_arm(args) -> tuple[list[dict], dict]:
     calib = next(_forever(dm))["input_ids"]
     acm = acmize(half, calibration_ids=calib, n_learners=N, budget=0.5, budget_loss_weight=1.0)
     short = steps // 16  # distillation and gate pre-training do not train the LM: keep them short
-    train_acm_phases(acm, it, short, short, steps - steps // 2 - 2 * short)
+    train_acm_phases(acm, it, short, short, steps - steps // 2 - 2 * short, final_lr_fraction=0.1)
     dense_loss, _ = _val(dense, val)
     acm_loss, acm_k = _val(acm, val)
     rows = [{"model": "dense SwiGLU", "steps": steps, "val_loss": dense_loss, "active_learners": float(N),

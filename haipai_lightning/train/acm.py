@@ -95,13 +95,16 @@ def phase_at(step: int, distill_steps: int, gate_steps: int) -> str:
 
 
 def train_acm_phases(model: HaipaiModel, batches: Iterator[dict[str, torch.Tensor]], distill_steps: int,
-                     gate_steps: int, end_to_end_steps: int, lr: float = 3e-3) -> list[tuple[str, float]]:
-    """The paper's three phases in one loop (AdamW, next-token loss + the records' weighted aux losses).
-    Returns (phase, loss) per step."""
+                     gate_steps: int, end_to_end_steps: int, lr: float = 3e-3,
+                     final_lr_fraction: float = 1.0) -> list[tuple[str, float]]:
+    """The paper's three phases in one loop (AdamW, next-token loss + the records' weighted aux losses; the
+    learning rate decays linearly to lr * final_lr_fraction, 1 = constant). Returns (phase, loss) per step."""
+    total = distill_steps + gate_steps + end_to_end_steps
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - (1.0 - final_lr_fraction) * i / max(total, 1))
     log = []
     model.train()
-    for step in range(distill_steps + gate_steps + end_to_end_steps):
+    for step in range(total):
         phase = phase_at(step, distill_steps, gate_steps)
         if step == 0 or phase != log[-1][0]:
             set_acm_phase(model, phase)
@@ -113,5 +116,6 @@ def train_acm_phases(model: HaipaiModel, batches: Iterator[dict[str, torch.Tenso
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
         log.append((phase, loss.item()))
     return log

@@ -152,3 +152,25 @@ def test_bad_acm_arguments_and_the_yaml_spec():
         AdaptiveComputationModule(cfg(), phase="distill")(torch.randn(1, 3, 32))
     f = build_component({"class_path": "haipai_lightning.AdaptiveComputationModule", "init_args": {"n_learners": 2}})
     assert isinstance(f(cfg()), AdaptiveComputationModule) and f(cfg()).n_learners == 2
+
+
+def test_the_acm_phases_callback_follows_the_global_step():
+    from types import SimpleNamespace
+
+    from callbacks import ACMPhases
+
+    torch.manual_seed(0)
+    dense = HaipaiModel(cfg())
+    model = acmize(dense, n_learners=N)
+    module = SimpleNamespace(model=model, device=torch.device("cpu"))
+    cb = ACMPhases(distill_steps=2, gate_steps=1)
+    cb.on_fit_start(SimpleNamespace(global_step=0), module)  # no dense_ckpt: the ACMs keep their teachers
+    seen = []
+    for step in range(5):  # a resumed run at step 3 would land in the same phase
+        cb.on_train_batch_start(SimpleNamespace(global_step=step), module, None, 0)
+        seen.append(model.layers[0].mlp.phase)
+    assert seen == ["distill", "distill", "gate", "end_to_end", "end_to_end"]
+    with pytest.raises(ConfigError, match="AdaptiveComputationModule"):
+        cb.on_fit_start(SimpleNamespace(global_step=0), SimpleNamespace(model=dense))
+    with pytest.raises(ConfigError, match="distill_steps"):
+        ACMPhases(distill_steps=-1)
