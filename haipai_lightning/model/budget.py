@@ -156,7 +156,7 @@ def budget_record(router: nn.Module, scale: torch.Tensor, records: list[RouterRe
     metrics = {"requested": requested.detach()}
     if realised is not None:
         metrics.update(realised=realised.detach(), budget_error=((realised - requested).abs() / requested).detach())
-    return RouterRecord("budget", None, scale[:, -1].detach(), metrics=metrics)
+    return RouterRecord("budget", None, metrics=metrics)  # scores: none (a scale is not a probability)
 
 
 def realised_compute(records: list[RouterRecord]) -> torch.Tensor | None:
