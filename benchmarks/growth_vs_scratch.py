@@ -7,7 +7,13 @@ subclass whose `due` watches the FLOP counter, and trained on. Both spend the sa
 FLOPs (counted from what the routers decided, callbacks.FlopBudget: the scratch run's total is the
 grown run's budget) and are evaluated on the same validation blocks.
 
+Depth (`--arms depth`): the same comparison for growing the MoR shared block by one unique layer (n_layers
+5 -> 8 with Nr=3): scratch at the deep shape, Gstack (arXiv 2405.15319: the new layer a copy of
+the block's last) and LESA (arXiv 2502.13794: the new layer predicted from its neighbours by an SVD
+basis + a small MLP fitted on the model's consecutive layers), all at the deep scratch run's FLOPs.
+
     python benchmarks/growth_vs_scratch.py [--quick] [--json out.json] [--steps 160] [--grow_at 0.3]
+                                           [--arms width,depth]
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from haipai_lightning.train.schedules import TrapezoidLR  # noqa: E402
 from haipai_lightning.model.routing.expert_choice import ExpertChoiceRouter  # noqa: E402
 
 GROW = {"op": "hyperclone", "args": {"width_factor": 2, "noise_snr_db": 20.0}}
+DEPTH_GROWS = {"gstack": {"op": "gstack", "args": {"extra_layers": 1}},
+               "lesa": {"op": "lesa", "args": {"extra_layers": 1}}}
 
 
 class GrowAtFlops(GrowthSchedule):
@@ -61,11 +69,41 @@ def train(mod: MoRLightningModule, dm: TextDataModule, callbacks: list, max_step
     return trainer, time.perf_counter() - t0
 
 
+def grown_arm(label: str, small: ModelConfig, large: ModelConfig, entry: dict, budget: float, grow_at: float,
+              dm: TextDataModule) -> dict:
+    """Train `small`, grow it by `entry` after grow_at x budget FLOPs, train on to the budget."""
+    L.seed_everything(0, verbose=False)
+    grown, fb = module(small), FlopBudget(max_flops=budget)
+    grow_cb = GrowAtFlops(fb, grow_at * budget, entry)
+    trainer, secs = train(grown, dm, [fb, grow_cb])
+    rep = grow_cb.reports[0]
+    assert grown.model.cfg == large, "the grown model must have exactly the scratch architecture"
+    print(f"{label}: {trainer.global_step} steps (grew at step {grown.growth_log[0]['step']}, max |dlogits| "
+          f"{rep.max_abs_dlogits:.2e}), {fb.flops:.3e} FLOPs ({secs:.0f} s)", flush=True)
+    return {"arm": label, "unique params": rep.params_after["unique"], "steps": trainer.global_step,
+            "steps before growth": grown.growth_log[0]["step"], "tokens": fb.tokens, "train FLOPs": fb.flops,
+            "train s": secs, "module": grown, "dlogits at growth": rep.max_abs_dlogits}
+
+
+def scratch_arm(label: str, large: ModelConfig, steps: int, dm: TextDataModule) -> tuple[dict, float]:
+    L.seed_everything(0, verbose=False)
+    scratch, fb = module(large), FlopBudget()
+    trainer, secs = train(scratch, dm, [fb], max_steps=steps)
+    print(f"{label}: {trainer.global_step} steps, {fb.flops:.3e} FLOPs ({secs:.0f} s)", flush=True)
+    return ({"arm": label, "unique params": scratch.model.num_parameters()["unique"], "steps": trainer.global_step,
+             "steps before growth": 0, "tokens": fb.tokens, "train FLOPs": fb.flops, "train s": secs,
+             "module": scratch}, fb.flops)
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--steps", type=int, default=None, help="training steps of the scratch run (sets the FLOP budget)")
     p.add_argument("--grow_at", type=float, default=0.3, help="fraction of the budget spent before growing")
+    p.add_argument("--arms", default="width,depth", help="comma list: width (HyperCloning) and/or depth (Gstack, LESA)")
     args = p.parse_args()
+    arms = {a.strip() for a in args.arms.split(",") if a.strip()}
+    if not arms or arms - {"width", "depth"}:
+        p.error(f"--arms {args.arms!r}: use width, depth or width,depth")
     steps = args.steps or (40 if args.quick else 160)
     seq, batch = 128, 16
     dm = TextDataModule(source="kjv", seq_len=seq, batch_size=batch, vocab_size=4096)
@@ -74,43 +112,39 @@ def main() -> None:
     small = ModelConfig(vocab_size=4096, d_model=96, n_layers=5, n_heads=4, n_kv_heads=2, ffn_hidden=256,
                         max_seq_len=seq, n_recursions=3, sharing="middle_cycle")
     arch = {"config": small.to_dict(), "mixer": None, "mlp": None, "router": None}
-    large = ModelConfig.from_dict(grow_arch(arch, GROW["op"], GROW["args"])["config"])  # the grown architecture
-    rows = []
-
-    L.seed_everything(0, verbose=False)
-    scratch, fb = module(large), FlopBudget()
-    trainer, secs = train(scratch, dm, [fb], max_steps=steps)
-    budget = fb.flops
-    rows.append({"arm": "scratch (d=192)", "unique params": scratch.model.num_parameters()["unique"],
-                 "steps": trainer.global_step, "steps before growth": 0, "tokens": fb.tokens, "train FLOPs": fb.flops,
-                 "train s": secs, "module": scratch})
-    print(f"scratch: {trainer.global_step} steps, {budget:.3e} FLOPs ({secs:.0f} s)", flush=True)
-
-    L.seed_everything(0, verbose=False)
-    grown, fb = module(small), FlopBudget(max_flops=budget)
-    grow_cb = GrowAtFlops(fb, args.grow_at * budget, GROW)
-    trainer, secs = train(grown, dm, [fb, grow_cb])
-    rep = grow_cb.reports[0]
-    assert grown.model.cfg == large, "the grown model must have exactly the scratch architecture"
-    rows.append({"arm": f"grown d=96 -> 192 at {args.grow_at:.0%}", "unique params": rep.params_after["unique"],
-                 "steps": trainer.global_step, "steps before growth": grown.growth_log[0]["step"], "tokens": fb.tokens,
-                 "train FLOPs": fb.flops, "train s": secs, "module": grown, "dlogits at growth": rep.max_abs_dlogits})
-    print(f"grown: {trainer.global_step} steps (grew at step {grown.growth_log[0]['step']}, max |dlogits| "
-          f"{rep.max_abs_dlogits:.2e}), {fb.flops:.3e} FLOPs ({secs:.0f} s)", flush=True)
-
     evaluator = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                           enable_model_summary=False, limit_val_batches=20 if args.quick else 1.0)
-    for r in rows:
-        r["val NLL"] = evaluator.validate(r.pop("module"), datamodule=dm, verbose=False)[0]["val/loss"]
-    print(f"\nGrowth vs scratch at equal training FLOPs ({budget:.2e}); MoR expert-choice Nr=3, 5 effective layers, "
-          f"batch {batch}x{seq}, King James Bible, BPE 4096, AdamW 3e-3")
-    print(table(rows, ["arm", "unique params", "steps", "steps before growth", "tokens", "train FLOPs", "val NLL",
-                       "train s"]))
-    headline = {"val_loss_grown": rows[1]["val NLL"], "val_loss_scratch": rows[0]["val NLL"]}
-    headline["delta"] = headline["val_loss_grown"] - headline["val_loss_scratch"]
+    headline, sections = {}, []
+    if "width" in arms:
+        large = ModelConfig.from_dict(grow_arch(arch, GROW["op"], GROW["args"])["config"])  # the grown architecture
+        row, budget = scratch_arm("scratch (d=192)", large, steps, dm)
+        rows = [row, grown_arm(f"grown d=96 -> 192 at {args.grow_at:.0%}", small, large, GROW, budget, args.grow_at, dm)]
+        for r in rows:
+            r["val NLL"] = evaluator.validate(r.pop("module"), datamodule=dm, verbose=False)[0]["val/loss"]
+        headline.update(val_loss_grown=rows[1]["val NLL"], val_loss_scratch=rows[0]["val NLL"])
+        headline["delta"] = headline["val_loss_grown"] - headline["val_loss_scratch"]
+        sections.append(("width: HyperCloning d=96 -> 192", budget, rows))
+    if "depth" in arms:
+        deep = ModelConfig.from_dict(grow_arch(arch, "gstack", DEPTH_GROWS["gstack"]["args"])["config"])
+        row, budget = scratch_arm(f"scratch (n_layers {deep.n_layers})", deep, steps, dm)
+        rows = [row] + [grown_arm(f"{name} n_layers {small.n_layers} -> {deep.n_layers} at {args.grow_at:.0%}", small,
+                                  deep, entry, budget, args.grow_at, dm) for name, entry in DEPTH_GROWS.items()]
+        for r in rows:
+            r["val NLL"] = evaluator.validate(r.pop("module"), datamodule=dm, verbose=False)[0]["val/loss"]
+        headline.update(depth_val_loss_scratch=rows[0]["val NLL"], depth_val_loss_gstack=rows[1]["val NLL"],
+                        depth_val_loss_lesa=rows[2]["val NLL"])
+        headline["lesa_minus_gstack"] = rows[2]["val NLL"] - rows[1]["val NLL"]
+        sections.append((f"depth: shared block +1 unique layer (n_layers {small.n_layers} -> {deep.n_layers})", budget, rows))
+    cols = ["arm", "unique params", "steps", "steps before growth", "tokens", "train FLOPs", "dlogits at growth",
+            "val NLL", "train s"]
+    for title, budget, rows in sections:
+        print(f"\nGrowth vs scratch at equal training FLOPs ({budget:.2e}), {title}; MoR expert-choice Nr=3, "
+              f"batch {batch}x{seq}, King James Bible, BPE 4096, AdamW 3e-3")
+        print(table(rows, cols))
     print("headline:", {k: round(v, 4) for k, v in headline.items()})
-    write_json(args.json, headline, rows=rows, budget=budget, grow_at=args.grow_at, growth=GROW, quick=args.quick,
-               scratch_steps=steps)
+    write_json(args.json, headline, rows=[r for _, _, rows in sections for r in rows],
+               budgets={t: b for t, b, _ in sections}, grow_at=args.grow_at, growth=GROW, depth_growth=DEPTH_GROWS,
+               quick=args.quick, scratch_steps=steps)
 
 
 if __name__ == "__main__":

@@ -41,11 +41,11 @@ SHAPES = {
     "larger": dict(d_model=384, n_layers=8, n_heads=6, n_kv_heads=2, ffn_hidden=1024),
 }
 QUICK_SHAPES = {"quick": dict(d_model=96, n_layers=5, n_heads=4, n_kv_heads=2, ffn_hidden=192)}
-QUICK_METHODS = ["int4", "int4_gptq", "int3_rtn", "int3_gptq", "int3_guided", "w4a4kv4", "w4a4kv4_spinquant"]
+QUICK_METHODS = ["int4", "int4_gptq", "int3_rtn", "int3_gptq", "int3_guided", "int3_lnq", "w4a4kv4", "w4a4kv4_spinquant"]
 HEADLINE = {"int8": "int8", "int4": "int4", "int4_rotated": "int4_rotated", "w4a4": "w4a4",
             "w4a4_rotated": "w4a4_rotated", "w4a4kv4": "w4a4kv4", "int4_gptq": "int4_gptq",
             "int4_guided": "int4_guided", "int3_rtn": "int3_rtn", "int3_gptq": "int3_gptq",
-            "int3_guided": "int3_guided", "w4a4kv4_hadamard": "w4a4kv4", "w4a4kv4_spinquant": "w4a4kv4_spinquant"}
+            "int3_guided": "int3_guided", "int3_lnq": "int3_lnq", "w4a4kv4_hadamard": "w4a4kv4", "w4a4kv4_spinquant": "w4a4kv4_spinquant"}
 
 
 def goals(h: dict, prefix: str = "") -> dict[str, bool]:
@@ -122,7 +122,7 @@ def main() -> None:
     args = p.parse_args()
     shapes = QUICK_SHAPES if args.quick else SHAPES
     seq = 64 if args.quick else 128
-    steps = args.steps or ([40] if args.quick else [200, 100])
+    steps = args.steps or ([200] if args.quick else [200, 100])  # quick: 200 steps, enough for the methods to differ
     val_n = args.val_batches or (2 if args.quick else 10)
     calib_n = args.calib_batches or (2 if args.quick else 4)
     dm = TextDataModule(source="kjv", seq_len=seq, batch_size=16, vocab_size=4096)

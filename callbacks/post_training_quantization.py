@@ -49,15 +49,16 @@ class PostTrainingQuantization(L.Callback):
         self.rows: list[MethodReport] = []
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Refuse, before training, methods the model cannot take (weight methods on MoE / MoT MLPs)."""
+        """Refuse, before training, methods the model cannot take (rotations of MoE / MoT MLPs)."""
         model = getattr(pl_module, "model", None)
         routed = [i for i, layer in enumerate(getattr(model, "layers", [])) if getattr(layer.mlp, "routed", False)]
-        # round-to-nearest cannot store stacked experts; the calibrated solvers can (quant/qexperts.py)
-        weight = [m for m in self.methods if get_method(m).weights is not None and get_method(m).solver == "rtn"]
-        if stage == "fit" and routed and weight:
+        # every weight solver stores experts (quant/qexperts.py); the rotation cannot fuse into expert stacks
+        rotated = [m for m in self.methods if get_method(m).rotate]
+        if stage == "fit" and routed and rotated:
             raise ConfigError(
-                f"callbacks.PostTrainingQuantization methods {weight} quantize weights, which this model's routed "
-                f"MLPs (MoE / Mixture-of-Tokens in layers {routed}) do not support; keep only kv8 / kv4 in methods"
+                f"callbacks.PostTrainingQuantization methods {rotated} rotate the residual stream, which this "
+                f"model's routed MLPs (MoE / Mixture-of-Tokens in layers {routed}) do not support; "
+                "use methods without rotation (int8, int4, int4_gptq, kv8, ...)"
             )
 
     @rank_zero_only

@@ -5,6 +5,8 @@ Layout of a prepared directory (read by datamodules.streaming.StreamingDataModul
     tokenizer.json        the tokenizer (trained on the first --bpe_sample_mb MB, or the one given)
     train-00000.bin ...   raw little-endian uint16/uint32 tokens, documents separated by EOS,
     val-00000.bin ...     every shard exactly shard_tokens long except the last of its split
+    train-docs-00000.bin  uint64 end offset of every train document in the train stream (curriculum)
+    train-scores-*.bin    optional: float64 difficulty per train document (prepared_curriculum.add_scores)
     index.json            format, dtype, vocab, EOS id, tokenizer sha256, per-shard tokens and sha256;
                           written LAST (after every shard was renamed from its .tmp name), so its
                           presence means the directory is complete
@@ -24,7 +26,6 @@ the token files are byte-identical for any --workers.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import multiprocessing as mp
@@ -35,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules.corpus import KJV, SUFFIXES, TXT_DOC_CHARS, load_kjv, looks_like_path
 from datamodules.packed import replace_atomically
+from datamodules.sources import iter_documents, resolve_sources  # noqa: F401 (re-exported)
 from datamodules.tokenizer import eos_id, id_space, load_tokenizer, train_tokenizer
 from haipai_lightning.config import ConfigError
 
@@ -44,123 +45,8 @@ FORMAT = "haipai-stream-v1"
 INDEX = "index.json"
 TOKENIZER = "tokenizer.json"
 SPLITS = ("train", "val")
+DOCS = "train-docs"  # train-docs-00000.bin: uint64 end offset of each train document
 BATCH_CHARS = 1 << 22  # ~4 MB of text per encode task
-
-
-# ------------------------------------------------------------------ sources
-def resolve_sources(source: str) -> list[tuple[str, str]]:
-    """``"kjv,data/*.jsonl,org/name"`` -> [(kind, what)]; kinds: kjv, file, hub. Files sorted per part."""
-    parts = [source] if os.path.exists(os.path.expanduser(source)) else [s.strip() for s in source.split(",")]
-    out: list[tuple[str, str]] = []
-    for part in filter(None, parts):
-        if part == KJV:
-            out.append(("kjv", part))
-        elif any(c in part for c in "*?["):
-            files = sorted(f for f in glob.glob(os.path.expanduser(part), recursive=True) if f.lower().endswith(SUFFIXES))
-            if not files:
-                raise ConfigError(f"--source {part!r} matches no .txt/.jsonl/.json/.parquet file")
-            out += [("file", f) for f in files]
-        elif looks_like_path(part):
-            p = Path(part).expanduser()
-            if not p.exists():
-                raise ConfigError(f"--source {part!r} does not exist; give a .txt/.jsonl/.parquet file, folder or glob")
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES) if p.is_dir() else [p]
-            if not files:
-                raise ConfigError(f"--source {part!r} holds no .txt/.jsonl/.json/.parquet file")
-            out += [("file", str(f)) for f in files]
-        else:
-            out.append(("hub", part))
-    if not out:
-        raise ConfigError("--source is empty; use kjv, a local file/folder/glob or a Hub dataset name")
-    return out
-
-
-def _txt_docs(path: str) -> Iterator[str]:
-    """Blank-line paragraphs merged up to TXT_DOC_CHARS (as corpus._split_paragraphs), read line by line."""
-    current, para = "", []
-    with open(path, encoding="utf-8") as f:
-        try:
-            for line in [*f, ""]:
-                if line.strip():
-                    para.append(line)
-                    continue
-                p = "".join(para).strip()
-                para = []
-                if not p:
-                    continue
-                if current and len(current) + len(p) + 2 > TXT_DOC_CHARS:
-                    yield current
-                    current = p
-                else:
-                    current = f"{current}\n\n{p}" if current else p
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"--source file {path!r} is not UTF-8 text ({e.reason}); convert it or leave it out") from None
-    if current:
-        yield current
-
-
-def _check(where: str, text_field: str, value: object) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(f"{where}: {text_field!r} holds {type(value).__name__}, not text; set --text_field")
-    return value
-
-
-def _jsonl_docs(path: str, text_field: str) -> Iterator[str]:
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ConfigError(f"{path}:{lineno} is not a valid UTF-8 JSON line ({e})") from None
-            if not isinstance(record, dict) or text_field not in record:
-                raise ConfigError(f"{path}:{lineno} has no field {text_field!r}; set --text_field to the key of the text")
-            yield _check(f"{path}:{lineno}", text_field, record[text_field])
-
-
-def _hf_stream_docs(name: str, text_field: str, split: str, data_files: str | None = None,
-                    config: str | None = None) -> Iterator[str]:
-    """A Hub dataset, or local .parquet/.json through the same ``streaming=True`` reader."""
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(name, config, data_files=data_files, split=split, streaming=True)
-        rows = iter(ds)
-        first = next(rows, None)
-    except Exception as e:  # offline, typo, gated: one line
-        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"--source {data_files or name!r}: reading it with datasets (streaming) failed ({msg})") from e
-    if first is None:
-        return
-    if text_field not in first:
-        raise ConfigError(f"--source {data_files or name!r} has no column {text_field!r} (columns: {sorted(first)}); "
-                          f"set --text_field to the column that holds the text")
-    for i, row in enumerate(_chain(first, rows)):
-        yield _check(f"{data_files or name} row {i}", text_field, row[text_field])
-
-
-def _chain(first, rows):
-    yield first
-    yield from rows
-
-
-def iter_documents(source: str, text_field: str = "text", split: str = "train",
-                   hub_config: str | None = None) -> Iterator[str]:
-    """Every non-empty document of ``source``, in a fixed order, one at a time (nothing held)."""
-    for kind, what in resolve_sources(source):
-        if kind == "kjv":
-            docs: Iterator[str] = iter(load_kjv())  # 4 MB bundled: the only source read whole
-        elif kind == "hub":
-            docs = _hf_stream_docs(what, text_field, split, config=hub_config)
-        elif what.lower().endswith(".txt"):
-            docs = _txt_docs(what)
-        elif what.lower().endswith(".jsonl"):
-            docs = _jsonl_docs(what, text_field)
-        else:  # .parquet / .json
-            docs = _hf_stream_docs("parquet" if what.lower().endswith(".parquet") else "json", text_field, "train",
-                                   data_files=what)
-        yield from (d for d in docs if d.strip())
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -216,6 +102,12 @@ def splitmix64(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def entropy(counts: np.ndarray) -> float:
+    """H = -sum p ln p (nats) of token counts: the loss of the best context-free model."""
+    p = counts[counts > 0] / max(int(counts.sum()), 1)
+    return float(-(p * np.log(p)).sum())
+
+
 def _is_val(index: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
     """Per-document val membership: a hash of (seed, document index), so independent of batching."""
     with np.errstate(over="ignore"):
@@ -233,14 +125,23 @@ def _init_worker(tok_json: str) -> None:
     _TOK = Tokenizer.from_str(tok_json)
 
 
-def _encode(docs: list[str], val: np.ndarray, eos: int, dtype: str, tok=None) -> tuple[np.ndarray, np.ndarray]:
-    """(train tokens, val tokens) of one batch, each document followed by EOS."""
-    encs = (tok or _TOK).encode_batch(docs, add_special_tokens=False)
-    out = []
-    for want in (False, True):
-        ids = [np.append(np.asarray(e.ids, dtype=np.int64), eos) for e, v in zip(encs, val) if v == want]
-        out.append(np.concatenate(ids).astype(dtype) if ids else np.zeros(0, dtype))
-    return out[0], out[1]
+def _encode(docs: list[str], val: np.ndarray, eos: int, dtype: str, tok=None) -> tuple[np.ndarray, ...]:
+    """(train tokens, val tokens, train document lengths) of one batch, each document followed by EOS.
+
+    encode_batch_fast: the same ids as encode_batch without computing character offsets (~1.7x faster
+    here); the ids go into one Python list per split and one numpy conversion (no per-document arrays).
+    """
+    tok = tok or _TOK
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # tokenizers >= 0.20 has the fast one
+    flat: tuple[list[int], list[int]] = ([], [])
+    lengths = []
+    for e, v in zip(encode(docs, add_special_tokens=False), val):
+        ids = e.ids
+        ids.append(eos)
+        flat[int(v)].extend(ids)
+        if not v:
+            lengths.append(len(ids))
+    return np.array(flat[0], dtype=dtype), np.array(flat[1], dtype=dtype), np.array(lengths, dtype=np.int64)
 
 
 class ShardWriter:
@@ -250,8 +151,10 @@ class ShardWriter:
         self.out, self.split, self.dtype, self.shard_tokens = out, split, np.dtype(dtype), shard_tokens
         self.shards: list[dict] = []
         self._f, self._n, self._sha = None, 0, None
+        self.total = 0  # items written so far
 
     def write(self, tokens: np.ndarray) -> None:
+        self.total += len(tokens)
         while len(tokens):
             if self._f is None:
                 name = f"{self.split}-{len(self.shards):05d}.bin"
@@ -339,11 +242,16 @@ def prepare(source: str, out: str, tokenizer: str | None = None, workers: int = 
     vocab = max(id_space(tok), eos + 1)
     dtype = "uint16" if vocab <= 2**16 else "uint32"
     writers = {s: ShardWriter(dest, s, dtype, shard_tokens) for s in SPLITS}
+    # the end offset of every train document in the train token stream (curriculum scores, doc masks)
+    doc_ends = ShardWriter(dest, DOCS, "uint64", 1 << 62)
     counts = {s: 0 for s in SPLITS}
+    unigram = np.zeros(vocab, np.int64)
 
     def emit(result, val_mask) -> None:
         for split, tokens in zip(SPLITS, result):
             writers[split].write(tokens)
+        doc_ends.write(np.cumsum(result[2]) + writers["train"].total - len(result[0]))
+        unigram[:] += np.bincount(result[0], minlength=vocab)
         counts["val"] += int(val_mask.sum())
         counts["train"] += int((~val_mask).sum())
 
@@ -372,6 +280,7 @@ def prepare(source: str, out: str, tokenizer: str | None = None, workers: int = 
         "source": source, "text_field": text_field, "val_fraction": val_fraction, "seed": seed,
         "shard_tokens": shard_tokens, "n_documents": counts,
         "splits": {s: w.finish() for s, w in writers.items()},
+        "docs": {"train": doc_ends.finish()}, "unigram_entropy": entropy(unigram),
     }
     index["n_tokens"] = {s: sum(sh["n_tokens"] for sh in index["splits"][s]) for s in SPLITS}
     replace_atomically(dest / INDEX, lambda f: f.write(json.dumps(index, indent=1).encode()))
@@ -384,34 +293,40 @@ def load_index(prepared: str | os.PathLike) -> dict:
     d = Path(prepared).expanduser()
     if not (d / INDEX).is_file():
         raise ConfigError(f"data.prepared={str(d)!r} is not a prepared directory (no {INDEX}); "
-                          f"run `haipai prepare --source ... --out {d}` first")
+                          f"run `haipai prepare --source ... --out {d}` first (or set data.prepared null to read data.source)")
     try:
         index = json.loads((d / INDEX).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{d / INDEX} is corrupt ({e}); prepare the directory again") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise ConfigError(f"{d / INDEX} is not a {FORMAT} index; prepare the directory again")
-    item = np.dtype(index["dtype"]).itemsize
-    for split in SPLITS:
-        for sh in index["splits"].get(split, []):
-            f = d / sh["file"]
-            if not f.is_file():
-                raise ConfigError(f"shard {str(f)!r} listed in {d / INDEX} is missing; copy it back or prepare again")
-            if f.stat().st_size != sh["n_tokens"] * item:
-                raise ConfigError(f"shard {str(f)!r} is truncated or corrupt ({f.stat().st_size} bytes, the index says "
-                                  f"{sh['n_tokens'] * item}); prepare the directory again")
+    for sh, item in listed_files(index):
+        f = d / sh["file"]
+        if not f.is_file():
+            raise ConfigError(f"shard {str(f)!r} listed in {d / INDEX} is missing; copy it back or prepare again")
+        if f.stat().st_size != sh["n_tokens"] * item:
+            raise ConfigError(f"shard {str(f)!r} is truncated or corrupt ({f.stat().st_size} bytes, the index says "
+                              f"{sh['n_tokens'] * item}); prepare the directory again")
     return index
+
+
+def listed_files(index: dict) -> list[tuple[dict, int]]:
+    """(entry, bytes per item) of every file the index lists: token shards, document ends, scores."""
+    item = np.dtype(index["dtype"]).itemsize
+    out = [(sh, item) for split in SPLITS for sh in index["splits"].get(split, [])]
+    out += [(sh, 8) for sh in index.get("docs", {}).get("train", [])]
+    out += [(sh, 8) for shards in index.get("scores", {}).values() for sh in shards]
+    return out
 
 
 def verify(prepared: str | os.PathLike) -> None:
     """Full check: every shard's sha256 against the index (reads everything; `haipai prepare --verify`)."""
     d = Path(prepared).expanduser()
     index = load_index(d)
-    for split in SPLITS:
-        for sh in index["splits"].get(split, []):
-            h = hashlib.sha256()
-            with open(d / sh["file"], "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 24), b""):
-                    h.update(chunk)
-            if h.hexdigest() != sh["sha256"]:
-                raise ConfigError(f"shard {str(d / sh['file'])!r} is corrupt (sha256 mismatch); prepare again")
+    for sh, _ in listed_files(index):
+        h = hashlib.sha256()
+        with open(d / sh["file"], "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+        if h.hexdigest() != sh["sha256"]:
+            raise ConfigError(f"shard {str(d / sh['file'])!r} is corrupt (sha256 mismatch); prepare again")

@@ -15,6 +15,9 @@ Order of an epoch (all O(1) memory, a pure function of (seed, epoch, draw number
     batches b with (b - first) mod Q == q, which the DataLoader's round robin returns in order b, so
     the batch sequence does not depend on num_workers.
   * exact resume: state_dict records (epoch, batches done); the next train loader starts there.
+  * curriculum (data.curriculum + callbacks.CurriculumSwitch): the blocks of each stage come from the
+    per-document scores stored at prepare time (prepared_curriculum.py) and are drawn by the same
+    CurriculumSampler as TextDataModule's; multi-scale batches: datamodules/multiscale.py.
 """
 
 from __future__ import annotations
@@ -28,7 +31,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from datamodules.curriculum import SCORES, curriculum_data
+from datamodules.multiscale import MultiScaleHook, check_multiscale
 from datamodules.prepare import TOKENIZER, load_index, splitmix64
+from datamodules.prepared_curriculum import StageBlocks, stage_blocks
 from datamodules.tokenizer import id_space, load_tokenizer
 from haipai_lightning.config import ConfigError
 
@@ -201,21 +207,7 @@ class BlockList(Dataset):
         return {"input_ids": block[:-1], "labels": block[1:]}
 
 
-def linked_vocab_size(data) -> int:
-    """The CLI link data -> model.config.vocab_size, at parse time, for either data module: the config's
-    data.vocab_size, or (StreamingDataModule with vocab_size null) the prepared tokenizer's id space."""
-    args = data.get("init_args", data) if isinstance(data, dict) else getattr(data, "init_args", data)
-    get = args.get if hasattr(args, "get") else lambda k, default=None: getattr(args, k, default)
-    if get("vocab_size") is not None:
-        return int(get("vocab_size"))
-    prepared = get("prepared")
-    dirs = [prepared] if isinstance(prepared, str) else list(prepared or [])
-    if not dirs:
-        raise ConfigError("set data.vocab_size (or data.prepared for datamodules.StreamingDataModule)")
-    return max(load_index(d)["vocab_size"] for d in dirs)
-
-
-class StreamingDataModule(L.LightningDataModule):
+class StreamingDataModule(MultiScaleHook, L.LightningDataModule):
     """Packed next-token blocks streamed from directories written by `haipai prepare`.
 
     Args:
@@ -228,11 +220,21 @@ class StreamingDataModule(L.LightningDataModule):
             None = the prepared val split (or 1% of the train blocks when a directory has none).
         num_workers: DataLoader worker processes (the batches do not depend on it).
         vocab_size: The model's embedding size; None = the prepared tokenizer's. Must be >= the tokenizer's.
+        curriculum: Train easy stages first (with callbacks.CurriculumSwitch) by a score stored at prepare
+            time (`haipai prepare --scores KIND`): ``length``, ``rare_words`` or ``reference_loss``; None = none.
+        curriculum_stages: Number of ordered stages (buckets of about equal token mass).
+        curriculum_cumulative: Stage s trains on buckets 0..s; False: on bucket s alone.
+        multiscale_lens: Multi-scale training: cut each training batch into sequences of these lengths
+            (each divides seq_len; equal tokens per step); None = every batch at seq_len.
+        multiscale_steps: Optimizer steps where the next length of multiscale_lens begins (a schedule,
+            short to long); None = each batch draws its length at random (seeded, resumable).
     """
 
     def __init__(self, prepared: str | list[str], weights: list[float] | None = None, seq_len: int = 256,
                  batch_size: int = 16, seed: int = 1234, val_fraction: float | None = None, num_workers: int = 0,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, curriculum: str | None = None, curriculum_stages: int = 3,
+                 curriculum_cumulative: bool = True, multiscale_lens: list[int] | None = None,
+                 multiscale_steps: list[int] | None = None):
         super().__init__()
         dirs = [prepared] if isinstance(prepared, str) else list(prepared)
         checks = [
@@ -243,13 +245,23 @@ class StreamingDataModule(L.LightningDataModule):
             (num_workers >= 0, f"data.num_workers must be >= 0, got {num_workers}"),
             (weights is None or (len(weights) == len(dirs) and all(w >= 0 for w in weights) and sum(weights) > 0),
              f"data.weights must hold one non-negative weight per prepared directory ({len(dirs)}), got {weights}"),
+            (curriculum is None or curriculum in SCORES,
+             f"data.curriculum={curriculum!r} is unknown; use one of {', '.join(SCORES)} (or null)"),
+            (curriculum is None or weights is None, "data.curriculum draws its stages over all blocks of data.prepared; "
+             "it cannot follow data.weights too (set one of them to null)"),
+            (curriculum_stages >= 1, f"data.curriculum_stages={curriculum_stages} must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        check_multiscale(multiscale_lens, multiscale_steps, seq_len)
         self.save_hyperparameters()
         self.dirs, self.weights, self.seq_len, self.batch_size = dirs, weights, seq_len, batch_size
         self.seed, self.val_fraction, self.num_workers = seed, val_fraction, num_workers
+        self.curriculum, self.curriculum_stages, self.curriculum_cumulative = curriculum, curriculum_stages, curriculum_cumulative
+        self.curriculum_schedule = None  # (epoch, step) -> stage, attached by callbacks.CurriculumSwitch
+        self.multiscale_lens = [int(x) for x in multiscale_lens] if multiscale_lens else None
+        self.multiscale_steps = [int(x) for x in multiscale_steps] if multiscale_steps else None
         indexes = [load_index(d) for d in dirs]  # cheap (JSON + stat): fail now, before the model is built
         shas = {ix["tokenizer_sha256"] for ix in indexes}
         if len(shas) > 1:
@@ -261,9 +273,10 @@ class StreamingDataModule(L.LightningDataModule):
                               f"{self.vocab_size_prepared} ids; set it >= {self.vocab_size_prepared} or leave it null")
         self.vocab_size = vocab_size or self.vocab_size_prepared
         self.eos_token_id_prepared = indexes[0]["eos_token_id"]
+        self.unigram_entropy = indexes[0].get("unigram_entropy") if len(indexes) == 1 else None
         self.rank, self.world_size = 0, 1  # from the trainer in setup(); tests may set them
         self.tokenizer = None
-        self.unigram_entropy = None
+        self.datasets: dict[str, Dataset] = {}
         self.sources: list[Source] = []
         self._resume: dict | None = None
 
@@ -296,6 +309,15 @@ class StreamingDataModule(L.LightningDataModule):
         if sum(self.n_train) // self.world_size < self.batch_size:
             raise ConfigError(f"the train split has only {sum(self.n_train)} blocks of data.seq_len={self.seq_len} "
                               f"for {self.world_size} rank(s), fewer than data.batch_size={self.batch_size}")
+        if self.curriculum:
+            per_source = [stage_blocks(src, n, self.curriculum, self.curriculum_stages, self.curriculum_cumulative)
+                          for src, n in zip(self.sources, self.n_train)]
+            for s in range(self.curriculum_stages):
+                ds = StageBlocks(self.sources, [blocks[s] for blocks in per_source])
+                if len(ds) < self.batch_size:
+                    raise ConfigError(f"curriculum stage {s} has {len(ds)} blocks of data.seq_len={self.seq_len}, fewer "
+                                      f"than data.batch_size={self.batch_size}; use fewer data.curriculum_stages")
+                self.datasets[f"train_stage{s}"] = ds
 
     def _trainer_or_none(self):
         try:
@@ -310,6 +332,10 @@ class StreamingDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if not self.sources:
             raise RuntimeError("call setup() before asking for dataloaders")
+        if self.curriculum_schedule is not None:  # the stages, each position drawn from the stage in force
+            ds, sampler = curriculum_data(self)
+            return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+                              num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
         state, self._resume = self._resume or {}, None
         ds = self.train_stream(state.get("epoch", 0), state.get("batches_done", 0))
         return _EpochLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
@@ -340,6 +366,11 @@ class StreamingDataModule(L.LightningDataModule):
                 raise ConfigError(f"data.{key}={now} but the checkpoint was trained with {state[key]}: an exact resume "
                                   f"needs the same data.{key} (or start a new run from its weights)")
         self._resume = dict(state)
+
+    def _resume_at(self) -> tuple[int, int]:
+        """(epoch, samples to skip) for the next train loader (curriculum_data's interface); consumed once."""
+        state, self._resume = self._resume or {}, None
+        return state.get("epoch", 0), state.get("batches_done", 0) * self.batch_size
 
     # --------------------------------------------------------------- helpers
     def tokenizer_json(self) -> str:

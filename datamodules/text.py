@@ -9,6 +9,10 @@ prepare_data() does the slow work once and caches it under ``cache_dir/<key>/``:
                      the directory is complete and can be trusted
 
 setup() only memory-maps those files, so it is instant and cheap in every worker.
+
+With ``prepared`` (directories written by `haipai prepare`) none of this happens: the module hands
+setup, loaders and resume state to a StreamingDataModule, so `haipai fit` streams any corpus size from
+the same YAML ``data:`` section (docs/data.md).
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from datamodules.corpus import fingerprint, load_documents
+from datamodules.multiscale import MultiScaleHook, check_multiscale
+from datamodules.prepare import load_index
+from datamodules.streaming import StreamingDataModule
 from datamodules.packed import PackedDataset, replace_atomically
 from datamodules.curriculum import build_stages, check_curriculum_args, curriculum_data
 from datamodules.tokenizer import eos_id, id_space, load_tokenizer, train_tokenizer
@@ -99,8 +106,25 @@ class EpochSeededSampler(RandomSampler):
                 yield idx
 
 
-class TextDataModule(L.LightningDataModule):
+def resolve_vocab_size(vocab_size: int | None, prepared: str | list[str] | None = None,
+                       tokenizer_path: str | None = None) -> int:
+    """The model's embedding size for these data settings (the CLI links it to model.config.vocab_size):
+    data.vocab_size when set, else the prepared tokenizer's, the tokenizer_path's, or 8192 (the BPE's)."""
+    if vocab_size is not None:
+        return int(vocab_size)
+    if prepared:
+        return max(load_index(d)["vocab_size"] for d in ([prepared] if isinstance(prepared, str) else prepared))
+    if tokenizer_path:
+        return id_space(load_tokenizer(tokenizer_path))
+    return 8192
+
+
+class TextDataModule(MultiScaleHook, L.LightningDataModule):
     """Packed next-token-prediction blocks from a text corpus, with a BPE trained locally.
+
+    With ``prepared`` it streams instead from directories written by `haipai prepare` (any corpus size,
+    constant memory; datamodules.StreamingDataModule does the work), so one YAML ``data:`` section
+    selects either path.
 
     Args:
         source: Where the text comes from: ``kjv`` (the King James Bible bundled with the
@@ -109,8 +133,9 @@ class TextDataModule(L.LightningDataModule):
             comma-separated list of these (their documents are concatenated).
         seq_len: Tokens per training example (the model's context length).
         batch_size: Examples per batch (per device).
-        vocab_size: Size of the byte-level BPE trained on the train split (at least 300).
-            Ignored when ``tokenizer_path`` is given.
+        vocab_size: Size of the byte-level BPE trained on the train split (at least 300), which is the
+            model's embedding size; null = 8192, or the size of the tokenizer of ``tokenizer_path`` /
+            ``prepared`` (set it to pad the embedding beyond the tokenizer's ids).
         tokenizer_path: Path to an existing ``tokenizer.json`` to use instead of training one.
         val_fraction: Fraction of documents held out for validation (at least one document);
             the split is deterministic given ``seed``.
@@ -127,6 +152,16 @@ class TextDataModule(L.LightningDataModule):
         curriculum_cumulative: Stage s trains on buckets 0..s (the last stage is all the data);
             False: on bucket s alone.
         curriculum_reference: Checkpoint whose loss scores the documents (``reference_loss``).
+        prepared: Stream packed blocks from directories written by `haipai prepare` instead of reading
+            ``source`` (any corpus size, at constant memory): one directory or a list (a mixture);
+            the curriculum then uses the scores stored by ``haipai prepare --scores``.
+        weights: With a list of ``prepared`` directories: the sampling proportion of each (normalized);
+            null = in proportion to their sizes.
+        multiscale_lens: Multi-scale training: cut each training batch of batch_size x seq_len tokens into
+            sequences of these lengths (each divides seq_len): equal tokens per step, shorter contexts;
+            null = every batch at seq_len.
+        multiscale_steps: Optimizer steps at which the next length of ``multiscale_lens`` begins (a schedule,
+            short to long); null = each batch draws its length at random (seeded; a resume sees the same).
     """
 
     def __init__(
@@ -134,7 +169,7 @@ class TextDataModule(L.LightningDataModule):
         source: str = "kjv",
         seq_len: int = 256,
         batch_size: int = 16,
-        vocab_size: int = 8192,
+        vocab_size: int | None = None,
         tokenizer_path: str | None = None,
         val_fraction: float = 0.02,
         seed: int = 1234,
@@ -146,6 +181,10 @@ class TextDataModule(L.LightningDataModule):
         curriculum_stages: int = 3,
         curriculum_cumulative: bool = True,
         curriculum_reference: str | None = None,
+        prepared: str | list[str] | None = None,
+        weights: list[float] | None = None,
+        multiscale_lens: list[int] | None = None,
+        multiscale_steps: list[int] | None = None,
     ):
         super().__init__()
         # Fail at construction, before minutes of preprocessing, naming the config field.
@@ -153,7 +192,10 @@ class TextDataModule(L.LightningDataModule):
             (seq_len >= 2, f"data.seq_len must be >= 2, got {seq_len}"),
             (batch_size >= 1, f"data.batch_size must be >= 1, got {batch_size}"),
             (0 < val_fraction < 1, f"data.val_fraction must be in (0, 1), got {val_fraction}"),
-            (vocab_size >= 300, f"data.vocab_size must be >= 300 (256 bytes + specials), got {vocab_size}"),
+            (vocab_size is None or vocab_size >= 300, f"data.vocab_size must be >= 300 (256 bytes + specials), got {vocab_size}"),
+            (weights is None or prepared, "data.weights weighs data.prepared directories; set data.prepared too"),
+            (not (prepared and curriculum_reference), "data.curriculum_reference is not used with data.prepared: score "
+             "the documents at prepare time (haipai prepare --scores reference_loss --score_reference CKPT)"),
             (num_workers >= 0, f"data.num_workers must be >= 0, got {num_workers}"),
             (max_documents is None or max_documents >= 2,
              f"data.max_documents must be >= 2 (one train + one val document) or null, got {max_documents}"),
@@ -161,9 +203,10 @@ class TextDataModule(L.LightningDataModule):
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        check_multiscale(multiscale_lens, multiscale_steps, seq_len)
         self.save_hyperparameters()
         self.source, self.seq_len, self.batch_size = source, seq_len, batch_size
-        self.vocab_size, self.tokenizer_path = vocab_size, tokenizer_path
+        self.vocab_size, self.tokenizer_path = resolve_vocab_size(vocab_size, None, tokenizer_path), tokenizer_path
         self.val_fraction, self.seed, self.max_documents = val_fraction, seed, max_documents
         self.cache_dir, self.num_workers, self.text_field = cache_dir, num_workers, text_field
         # Filled by setup().
@@ -175,7 +218,14 @@ class TextDataModule(L.LightningDataModule):
         self.curriculum, self.curriculum_stages = curriculum, curriculum_stages
         self.curriculum_cumulative, self.curriculum_reference = curriculum_cumulative, curriculum_reference
         self.curriculum_schedule = None  # (epoch, step) -> stage
-        check_curriculum_args(self)
+        self.multiscale_lens, self.multiscale_steps = multiscale_lens, multiscale_steps
+        self.stream: StreamingDataModule | None = None
+        if prepared:  # the streaming path; multi-scale stays here (Lightning calls this module's hooks)
+            self.stream = StreamingDataModule(prepared, weights, seq_len, batch_size, seed, None, num_workers,
+                                              vocab_size, curriculum, curriculum_stages, curriculum_cumulative)
+            self.vocab_size = self.stream.vocab_size
+        else:
+            check_curriculum_args(self)
 
     # ----------------------------------------------------------------- cache
     @property
@@ -203,7 +253,9 @@ class TextDataModule(L.LightningDataModule):
         return Path(self.cache_dir).expanduser() / f"{name or 'data'}-{digest}"
 
     def prepare_data(self) -> None:
-        """Load, split, train the tokenizer, tokenize and cache; a no-op when cached."""
+        """Load, split, train the tokenizer, tokenize and cache; a no-op when cached (or streaming)."""
+        if self.stream is not None:
+            return
         out = self.cache_path
         if (out / "meta.json").exists():
             return
@@ -244,6 +296,12 @@ class TextDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Memory-map the cached arrays and load the tokenizer."""
+        if self.stream is not None:
+            self.stream.trainer = self.trainer
+            self.stream.setup(stage)
+            self.tokenizer, self.unigram_entropy = self.stream.tokenizer, self.stream.unigram_entropy
+            self.vocab_size_actual, self.datasets = id_space(self.tokenizer), self.stream.datasets
+            return
         out = self.cache_path
         if not (out / "meta.json").exists():  # e.g. used outside a Trainer
             self.prepare_data()
@@ -287,6 +345,9 @@ class TextDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        if self.stream is not None:
+            self.stream.curriculum_schedule = self.curriculum_schedule  # set by callbacks.CurriculumSwitch
+            return self.stream.train_dataloader()
         return self._loader("train", train=True)
 
     # ------------------------------------------------------- exact resume
@@ -296,6 +357,9 @@ class TextDataModule(L.LightningDataModule):
     # stood and the new sampler starts there: same epoch permutation, batches done skipped.
     def state_dict(self) -> dict[str, int]:
         trainer = self.trainer
+        if self.stream is not None:
+            self.stream.trainer = trainer
+            return self.stream.state_dict()
         if trainer is None:
             return {}
         progress = trainer.fit_loop.epoch_progress.current
@@ -308,6 +372,8 @@ class TextDataModule(L.LightningDataModule):
         return {"epoch": int(epoch), "batches_done": int(done), "batch_size": int(self.batch_size)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        if self.stream is not None:
+            return self.stream.load_state_dict(state)
         saved = state.get("batch_size", self.batch_size)
         if saved != self.batch_size:  # the stream position is in batches: another size would skip or repeat data
             raise ConfigError(f"data.batch_size={self.batch_size} but the checkpoint was trained with {saved}: an exact "
@@ -320,6 +386,8 @@ class TextDataModule(L.LightningDataModule):
         return state.get("epoch", 0), state.get("batches_done", 0) * self.batch_size
 
     def val_dataloader(self) -> DataLoader:
+        if self.stream is not None:
+            return self.stream.val_dataloader()
         return self._loader("val", train=False)
 
     # There is no separate test split: testing/predicting reuse the held-out documents.
@@ -335,6 +403,8 @@ class TextDataModule(L.LightningDataModule):
 
     @property
     def eos_token_id(self) -> int:
+        if self.stream is not None:
+            return self.stream.eos_token_id
         if self.tokenizer is None:
             raise RuntimeError("call setup() first: the tokenizer is loaded there")
         return eos_id(self.tokenizer)

@@ -40,9 +40,11 @@ _EXPORTS: dict[str, str] = {
     "Attention": "model.mixers.attention", "Mamba": "model.mixers.mamba",
     "MixtureOfHeadsAttention": "model.mixers.moh", "AdaptiveSpanAttention": "model.mixers.adaptive_span",
     "DTRNetAttention": "model.mixers.dtrnet", "CoPEAttention": "model.mixers.cope",
-    "CoreContextAttention": "model.mixers.cca",
+    "CoreContextAttention": "model.mixers.cca", "MindSkipAttention": "model.mixers.mindskip",
+    "BudgetHead": "model.budget",
     "SwiGLU": "model.mlps.dense", "TokenChoiceMoE": "model.mlps.moe", "ExpertChoiceMoE": "model.mlps.moe",
     "AdaptiveTopPMoE": "model.mlps.moe", "MixtureOfTokens": "model.mlps.mot",
+    "AdaptiveComputationModule": "model.mlps.acm", "acmize": "train.acm",
     # training
     "MoRLightningModule": "train.module", "TrapezoidLR": "train.schedules", "param_groups": "train.schedules",
     "GaLoreAdamW": "train.optimizers", "QGaLoreAdamW": "train.optimizers", "AdamW8bit": "train.optimizers",

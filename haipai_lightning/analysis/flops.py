@@ -14,7 +14,7 @@ drops, expert-choice picks, MoT group mixtures). Mamba: its projections, the dep
 convolution and the scan (3 multiply-adds per state element and token), no attention pairs.
 Token-routed attention (DTRNet): queries, keys and attention pairs for the routed fraction only (its
 record's routed_fraction, else its capacity; pairs scale by the fraction squared), values and output
-for every token. Not counted: norms, activations, softmax (all O(d) per token, < 1% here).
+for every token (MindSkip, `routes_values`: values and output for the routed tokens only too). Not counted: norms, activations, softmax (all O(d) per token, < 1% here).
 """
 
 from __future__ import annotations
@@ -132,6 +132,8 @@ def forward_flops(model, records: list[RouterRecord], B: int, T: int) -> float:
         if a in fractions:  # token-routed attention: queries, keys and pairs for the routed tokens only
             f = fractions[a]
             macs -= (1.0 - f) * (mixer.wq.weight.numel() + mixer.wk.weight.numel())
+            if getattr(mixer, "routes_values", False):  # MindSkip: skipped tokens make no values / output either
+                macs -= (1.0 - f) * (mixer.wv.weight.numel() + mixer.wo.weight.numel())
             pairs *= f * f  # the routed tokens attend among themselves
         flops += 2.0 * tokens * macs + 2.0 * 2.0 * pairs * d_attn  # QK^T and AV
         if getattr(mlp, "routed", False):  # expert matmuls on the rows actually dispatched

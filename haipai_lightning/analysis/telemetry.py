@@ -72,10 +72,11 @@ def token_depth(records: Sequence[RouterRecord]) -> tuple[torch.Tensor, int] | N
 
     Expert-choice: number of steps that selected the token (1..Nr when step 1 keeps all);
     token-choice: its depth 1..Nr; MoD: number of gated layers it ran (0..n_layers).
-    None when no record of the group makes a (B, T) decision (e.g. MoE only).
+    None when no record of the group makes a (B, T) decision (e.g. MoE only), or when its records
+    saw different token sets (MindSkip in a shared layer: each recursion step's gathered tokens).
     """
     parts = [r for r in records if adds_depth(r)]
-    if not parts:
+    if not parts or len({r.selected.shape for r in parts}) > 1:  # e.g. a routed mixer seeing gathered steps
         return None
     depth = sum(r.selected.long() for r in parts)  # (B, T)
     max_depth = sum(_n_choices(r) if is_depth_int(r) else 1 for r in parts)
@@ -91,7 +92,7 @@ def extra_depth(records: Sequence[RouterRecord]) -> torch.Tensor | None:
     No host sync: the all-selected test stays a tensor.
     """
     parts = [r for r in records if adds_depth(r)]
-    if not parts:
+    if not parts or len({r.selected.shape for r in parts}) > 1:
         return None
     out = torch.zeros_like(parts[0].selected, dtype=torch.long)
     for r in parts:

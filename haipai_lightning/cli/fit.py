@@ -25,8 +25,12 @@ from haipai_lightning.train.module import MoRLightningModule
 
 class HaipaiCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # one source of truth: the BPE the data module trains sets the embedding size
-        parser.link_arguments("data.vocab_size", "model.config.vocab_size")
+        from datamodules.text import resolve_vocab_size
+
+        # one source of truth: the data's tokenizer (the BPE trained, a tokenizer.json, the prepared
+        # directories' tokenizer) sets the embedding size
+        parser.link_arguments(("data.vocab_size", "data.prepared", "data.tokenizer_path"), "model.config.vocab_size",
+                              compute_fn=resolve_vocab_size)
 
     def _set_seed(self) -> None:
         """LightningCLI's seeding, without its "Seed set to" line on stderr (the seed is in config.yaml)."""

@@ -22,6 +22,7 @@ def generate_command(
     depth_budget: float | None = None,
     speculative: int = 0,
     draft_depth: int = 1,
+    token_budget: int | None = None,
 ) -> list[str]:
     """Sample text from a trained checkpoint (KV-cached; MoR models route causally).
 
@@ -36,9 +37,12 @@ def generate_command(
         top_k: keep the k most likely tokens (null = all).
         top_p: nucleus sampling mass (null or 1 = off).
         seed: random seed (null = nondeterministic); request i of a prompts file uses seed + i.
-        depth_budget: cap on the mean recursion depth of the generated tokens (1..Nr; engine).
+        depth_budget: cap on the mean recursion depth of the generated tokens (1..Nr; engine); for a model
+            with a budget head, the mean depth (or MoD capacity) its routers are set to.
         speculative: greedy speculative decoding with this many drafted tokens per round (0 = off).
         draft_depth: recursion steps of the draft (the same model stopped early).
+        token_budget: target length of each continuation, for a model trained with token budgets
+            (datamodules.TokenBudgetDataModule): it ends, at the end-of-text token, near this many tokens (engine).
     """
     import torch
 
@@ -46,6 +50,7 @@ def generate_command(
     from haipai_lightning.decode.generate import generate
     from haipai_lightning.decode.sampling import SamplingConfig
     from haipai_lightning.decode.speculative import speculative_generate
+    from haipai_lightning.decode.token_budget import budget_tokens, token_budget_error
     from haipai_lightning.io.loader import load_model
 
     sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed)  # checks the sampling flags
@@ -68,6 +73,11 @@ def generate_command(
         raise ConfigError(f"--draft_depth {draft_depth} must be in [1, {nr - 1}]: the draft stops before the model's "
                           f"n_recursions={nr} steps" + (" (this model has one step: nothing to draft with)" if nr < 2 else ""))
     eos = tok.token_to_id("<|endoftext|>") or 0
+    table = budget_tokens(tok)
+    if token_budget is not None:
+        why = token_budget_error(token_budget, table, max_new_tokens)
+        if why or speculative > 0:
+            raise ConfigError(f"--token_budget {token_budget} " + (why or "is not for --speculative decoding"))
     if prompts is not None:
         numbered = _read_prompts(prompts)
     else:
@@ -75,6 +85,7 @@ def generate_command(
     lines = [t for _, t in numbered]
     encoded = [tok.encode(t).ids or [eos] for t in lines]
     limit = model.cfg.max_seq_len - max_new_tokens - (speculative + 1 if speculative > 0 else 0)
+    limit -= token_budget is not None  # the budget token follows the prompt
     for (n, _), ids in zip(numbered, encoded):
         if len(ids) > limit:
             where = f"--prompts {prompts!r} line {n}" if prompts is not None else "--prompt"
@@ -89,13 +100,17 @@ def generate_command(
         print(f"[speculative: {stats['tokens_per_round']:.2f} tokens per full-model pass, "
               f"acceptance {stats['acceptance']:.2f}]", file=sys.stderr)
         return texts
-    if prompts is None and depth_budget is None:
-        texts = [tok.decode(generate(model, torch.tensor([encoded[0]]), sampling)[0].tolist())]
+    # a model with a budget head (model/budget.py) takes --depth_budget as the compute its routers are set to
+    # (unset: the head chooses from the prompt); the engine caps the depth of the others and honours token budgets
+    budgeted = getattr(model.router, "budget_head", None) is not None
+    if prompts is None and token_budget is None and (depth_budget is None or budgeted):
+        texts = [tok.decode(generate(model, torch.tensor([encoded[0]]), sampling, budget=depth_budget)[0].tolist())]
         print(texts[0])
         return texts
-    engine = Engine(model, max_batch=batch_size, max_len=model.cfg.max_seq_len)
+    engine = Engine(model, max_batch=batch_size, max_len=model.cfg.max_seq_len, budget_tokens=table)
     reqs = [engine.submit(Request(ids, max_new_tokens, SamplingConfig(
-        max_new_tokens, temperature, top_k, top_p, None if seed is None else seed + i), depth_budget))
+        max_new_tokens, temperature, top_k, top_p, None if seed is None else seed + i), depth_budget,
+        eos if token_budget is not None else None, token_budget=token_budget))
         for i, ids in enumerate(encoded)]
     engine.run()
     texts = [tok.decode(r.prompt + r.output) for r in reqs]
@@ -103,6 +118,9 @@ def generate_command(
         depth = sum(r.depths) / max(len(r.depths), 1)
         print(text)
         print(f"[mean recursion depth {depth:.2f}]", file=sys.stderr)
+        if token_budget is not None:
+            n = len(r.output) - (r.finish_reason == "stop")
+            print(f"[{n} tokens for a token budget of {token_budget} ({r.finish_reason})]", file=sys.stderr)
         if prompts is not None:
             print("---")
     return texts

@@ -6,7 +6,8 @@ from __future__ import annotations
 def prepare_command(source: str, out: str, tokenizer: str | None = None, workers: int = 1, text_field: str = "text",
                     vocab_size: int = 8192, bpe_sample_mb: float = 64.0, val_fraction: float = 0.005,
                     seed: int = 1234, shard_tokens: int = 1 << 25, max_documents: int | None = None,
-                    hub_config: str | None = None, overwrite: bool = False, verify: bool = False) -> dict:
+                    hub_config: str | None = None, overwrite: bool = False, verify: bool = False,
+                    scores: list[str] | None = None, score_reference: str | None = None) -> dict:
     """Tokenize a corpus into sharded token files (constant memory, N processes) for StreamingDataModule.
 
     Args:
@@ -26,19 +27,26 @@ def prepare_command(source: str, out: str, tokenizer: str | None = None, workers
         hub_config: the configuration of a Hub dataset (e.g. sample-10BT of HuggingFaceFW/fineweb-edu).
         overwrite: replace --out when it is a prepared directory (never another directory).
         verify: afterwards re-read every shard and check its sha256 against the index.
+        scores: curriculum difficulty measures to store per train document (length, rare_words,
+            reference_loss), for data.curriculum; null = none.
+        score_reference: the checkpoint whose loss scores documents for reference_loss.
     """
     import time
 
     from datamodules.prepare import prepare, verify as verify_dir
+    from datamodules.prepared_curriculum import add_scores
 
     t0 = time.perf_counter()
     index = prepare(source, out, tokenizer=tokenizer, workers=workers, text_field=text_field, vocab_size=vocab_size,
                     bpe_sample_mb=bpe_sample_mb, val_fraction=val_fraction, seed=seed, shard_tokens=shard_tokens,
                     max_documents=max_documents, hub_config=hub_config, overwrite=overwrite)
+    if scores:
+        index = add_scores(out, list(scores), reference=score_reference)
     if verify:
         verify_dir(out)
     n = index["n_tokens"]
     print(f"prepared {out}: {n['train']:,} train + {n['val']:,} val tokens in "
           f"{sum(len(v) for v in index['splits'].values())} shards, vocab_size {index['vocab_size']} "
-          f"({index['dtype']}), {time.perf_counter() - t0:.1f} s -- use data.prepared={out}")
+          f"({index['dtype']}), {time.perf_counter() - t0:.1f} s{' + scores ' + ','.join(scores) if scores else ''} "
+          f"-- use data.prepared={out}")
     return index

@@ -19,6 +19,8 @@ A token of recursion depth d thus costs d ticks.
 Per-request compute budgets cap the mean recursion depth of the generated tokens. Mixture-of-Depths
 layers run through their gates (`HaipaiModel._mod`, the causal 0.5 threshold), in the prelude / coda
 and, in a vanilla Nr=1 model whose layers all form the "shared" block, in the block pass.
+A request's `token_budget` (decode/token_budget.py) appends the budget token of a model trained with
+length budgets to its prompt; the model then ends its continuation, at the end token, near that length.
 
 A request can be cancelled from any thread (`Engine.cancel`, e.g. when an HTTP client of `haipai serve`
 disconnects): the flag is read at the start of the next tick, which drops the request from the queue or
@@ -34,6 +36,7 @@ import torch
 
 from haipai_lightning.model.cache import KVView, LayerKV, RowView
 from haipai_lightning.decode.sampling import SamplingConfig, sample_next
+from haipai_lightning.decode.token_budget import nearest_budget, token_budget_error
 from haipai_lightning.model.mixers.attention import KVShare
 from haipai_lightning.model.decoder import HaipaiModel
 
@@ -53,6 +56,9 @@ class Request:
     # (the names of the OpenAI API's finish_reason, which haipai serve reports)
     finish_reason: str | None = None
     cancelled: bool = False  # set by Engine.cancel (any thread); the engine acts on it at its next tick
+    # target length of the continuation (decode/token_budget.py): the prompt is followed by the budget token
+    # of the trained budget nearest to it, and generation ends at eos_id (which it needs)
+    token_budget: int | None = None
 
 
 class _Apps:
@@ -73,7 +79,8 @@ class _Apps:
 class Engine:
     """Batch generation with continuous depth-wise batching. Greedy outputs equal one-at-a-time generation."""
 
-    def __init__(self, model: HaipaiModel, max_batch: int = 8, max_len: int | None = None) -> None:
+    def __init__(self, model: HaipaiModel, max_batch: int = 8, max_len: int | None = None,
+                 budget_tokens: dict[int, int] | None = None) -> None:
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"Engine max_batch={max_batch!r} must be an integer >= 1: the number of request slots "
                              "decoded together (haipai generate --batch_size)")
@@ -84,6 +91,7 @@ class Engine:
                 raise ValueError(f"Engine needs a router with {need}() (haipai_lightning.Router); "
                                  f"{type(model.router).__name__} has none")
         self.model = model.eval()
+        self.budget_tokens = dict(budget_tokens or {})  # {budget length: token id} (token_budget.budget_tokens)
         self.S, self.L = max_batch, max_len or model.cfg.max_seq_len
         self.nr = model.schedule.n_recursions
         sch = model.schedule
@@ -124,10 +132,22 @@ class Engine:
     def submit(self, req: Request) -> Request:
         if len(req.prompt) == 0 or req.max_new_tokens < 1:
             raise ValueError("a request needs a non-empty prompt and max_new_tokens >= 1")
-        if len(req.prompt) + req.max_new_tokens > self.L:
+        if req.token_budget is not None:
+            why = token_budget_error(req.token_budget, self.budget_tokens, req.max_new_tokens)
+            if why is None and req.eos_id is None:
+                why = "needs the request's eos_id: generation ends at the end token"
+            if why:
+                raise ValueError(f"Request token_budget={req.token_budget!r} {why}")
+        if len(self._prompt(req)) + req.max_new_tokens > self.L:
             raise ValueError(f"prompt + max_new_tokens exceeds the engine's max_len={self.L}")
         self.queue.append(req)
         return req
+
+    def _prompt(self, req: Request) -> list[int]:
+        """The tokens prefilled for `req`: its prompt, then its budget token when it has a token budget."""
+        if req.token_budget is None:
+            return req.prompt
+        return req.prompt + [self.budget_tokens[nearest_budget(self.budget_tokens, req.token_budget)]]
 
     def cancel(self, req: Request) -> None:
         """Stop `req` (queued or in flight) at the next tick and free its slot; safe from any thread.
@@ -201,11 +221,11 @@ class Engine:
                 self._reset_slot(s)
                 if req.sampling.seed is not None and req.sampling.temperature > 0:
                     self.generators[s] = torch.Generator(device=self.h.device).manual_seed(req.sampling.seed)
-                by_len.setdefault(len(req.prompt), []).append(s)
+                by_len.setdefault(len(self._prompt(req)), []).append(s)
         dev = self.h.device
         for n, group in by_len.items():  # one batched prefill per prompt length
             slots = torch.tensor(group, device=dev)
-            prompts = torch.tensor([self.slot_req[s].prompt for s in group], device=dev)  # (G, n)
+            prompts = torch.tensor([self._prompt(self.slot_req[s]) for s in group], device=dev)  # (G, n)
             logits = self.model(prompts, cache=_Apps(self, slots)).logits[:, -1]  # (G, V)
             self.pos[slots] = n
             self._emit(slots, logits, torch.full((len(group),), -1, dtype=torch.long, device=dev))

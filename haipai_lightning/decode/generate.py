@@ -10,12 +10,14 @@ from haipai_lightning.model.decoder import HaipaiModel
 
 
 @torch.no_grad()
-def generate(model: HaipaiModel, input_ids: torch.Tensor, s: SamplingConfig, compile: bool = False,
-             fast: bool = True) -> torch.Tensor:
+def generate(model: HaipaiModel, input_ids: torch.Tensor, s: SamplingConfig,
+             budget: float | torch.Tensor | None = None, compile: bool = False, fast: bool = True) -> torch.Tensor:
     """input_ids (B, T) -> (B, T + new): one prefill, then one cached step per new token.
+    `budget`: the compute of each sequence in the router's budget unit (model/budget.py; None = the
+    router's budget head chooses from the prompt, if it has one).
 
-    Dense models (every token runs every layer) decode through `StaticDecoder` (static KV buffers,
-    fused projections; `compile=True` compiles its step); others, or fast=False, through the
+    Dense models (every token runs every layer, no budget) decode through `StaticDecoder` (static KV
+    buffers, fused projections; `compile=True` compiles its step); others, or fast=False, through the
     model's general cached forward (the reference path).
     """
     model.eval()
@@ -28,12 +30,12 @@ def generate(model: HaipaiModel, input_ids: torch.Tensor, s: SamplingConfig, com
     gen = None
     if s.seed is not None:
         gen = torch.Generator(device=input_ids.device).manual_seed(s.seed)
-    if fast and StaticDecoder.unsupported(model) is None:
+    if fast and budget is None and StaticDecoder.unsupported(model) is None:
         dec = StaticDecoder.cached(model, input_ids.size(0), total, compile=compile)
         first, step = dec.prefill, dec.step
     else:
         cache = model.new_cache(total)
-        first = step = lambda ids: model(ids, cache=cache).logits[:, -1]  # noqa: E731
+        first = step = lambda ids: model(ids, cache=cache, budget=budget).logits[:, -1]  # noqa: E731
     logits = first(input_ids)
     out = [input_ids]
     for _ in range(s.max_new_tokens):

@@ -30,7 +30,8 @@ _BUILTIN_NAMES = (
     "FullRecursion", "ExpertChoiceRouter", "TokenChoiceRouter", "Attention", "Mamba",
     "SwiGLU", "TokenChoiceMoE", "ExpertChoiceMoE", "AdaptiveTopPMoE", "MixtureOfTokens",
     "MixtureOfHeadsAttention", "AdaptiveSpanAttention", "DTRNetAttention", "CoPEAttention",
-    "CoreContextAttention",
+    "CoreContextAttention", "MindSkipAttention",
+    "AdaptiveComputationModule",  # model/mlps/acm.py (issue 20)
 )
 _registry: dict[str, type] = {}  # any accepted class path -> class
 _public: dict[type, str] = {}  # class -> the path recorded in new checkpoints

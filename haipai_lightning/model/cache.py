@@ -108,6 +108,30 @@ class LayerKV:
         keep = stored & (self.pos[rows_idx] >= 0) & (self.pos[rows_idx] < keep_before[:, None])
         self.lengths[rows_idx] = keep.sum(1)  # entries are in position order, so a prefix survives
 
+    def drop_before(self, keep_from: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Forget the entries of `rows` at positions < keep_from (B,): keys no later query can weigh
+        (an adaptive attention span's, mixers/adaptive_span.py). Entries are in position order, so the
+        dropped ones are a prefix; each row's survivors move to the front (the buffers stay allocated:
+        what shrinks is what is stored and what every later step reads and scores)."""
+        if self.k is None:
+            return
+        rows_idx = torch.arange(self.k.size(0), device=self.k.device) if rows is None else rows
+        idx = torch.arange(self.max_len + 1, device=self.k.device)
+        stored = idx[None] < self.lengths[rows_idx, None]  # (B, L + 1)
+        pos = self.pos[rows_idx]
+        n_drop = (stored & (pos >= 0) & (pos < keep_from[:, None])).sum(1)  # (B,)
+        if not bool(n_drop.any()):
+            return
+        src = (idx[None] + n_drop[:, None]).clamp(max=self.max_len)  # new entry j <- old entry j + n_drop
+        for buf in self._entry_buffers():  # (R, H, L + 1, w): gather [row, :, src] -> (B, L + 1, H, w)
+            buf[rows_idx] = buf[rows_idx[:, None], :, src].transpose(1, 2)
+        self.pos[rows_idx] = pos.gather(1, src)
+        self.lengths[rows_idx] -= n_drop
+
+    def _entry_buffers(self) -> list[torch.Tensor]:
+        """Every (R, H, max_len + 1, w) per-entry buffer (a quantized cache adds its scales)."""
+        return [self.k, self.v]
+
     def reset_rows(self, rows: torch.Tensor) -> None:
         if self.k is not None:
             self.lengths[rows] = 0
@@ -144,6 +168,10 @@ class KVView:
         """(B, S) positions of the first S entries of these rows (-1 = empty)."""
         return self.kv.positions(self.rows, S)
 
+    def drop_before(self, keep_from: torch.Tensor) -> None:
+        """keep_from (B,): forget these rows' entries at earlier positions (LayerKV.drop_before)."""
+        self.kv.drop_before(keep_from, self.rows)
+
 
 class RowView:
     """A LayerKV whose batch rows map to fixed cache rows (a request's slot in the engine)."""
@@ -157,6 +185,9 @@ class RowView:
     def positions(self, rows: torch.Tensor | None, S: int) -> torch.Tensor:
         return self.kv.positions(self.rows if rows is None else self.rows[rows], S)
 
+    def drop_before(self, keep_from: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        self.kv.drop_before(keep_from, self.rows if rows is None else self.rows[rows])
+
 
 class KVCache:
     """All layer applications' caches plus the number of positions already seen."""
@@ -165,9 +196,16 @@ class KVCache:
         self.layers = [LayerKV(max_len) for _ in range(n_applications)]
         self.max_len = max_len
         self.seen = 0  # tokens processed so far (the next token's position)
+        self.routing_state: dict[str, Any] = {}  # per-sequence routing memory (the budget head's prefix sum)
 
     def __getitem__(self, i: int) -> LayerKV:
         return self.layers[i]
+
+    def ensure(self, n_applications: int) -> None:
+        """Grow to n_applications caches: test-time extra recursion steps (decoder.forward max_depth > Nr)
+        keep their keys/values after the coda's (full-precision LayerKVs, also in a quantized cache)."""
+        while len(self.layers) < n_applications:
+            self.layers.append(LayerKV(self.max_len))
 
     def nbytes(self) -> int:
         """Bytes of keys/values stored over all applications (what MoR's KV modes save)."""

@@ -26,7 +26,8 @@ from haipai_lightning.model.routing.selection import Selection
 from haipai_lightning.model.schedule import make_schedule
 from haipai_lightning.model.routing.base import FullRecursion
 from haipai_lightning.model.routing.record import RouterRecord
-from haipai_lightning.model.routing.gate import TopKGate, capacity_k
+from haipai_lightning.model.routing.gate import TopKGate, capacity_k, capacity_k_rows
+from haipai_lightning.model.budget import budget_record, budget_scale
 
 Factory = Callable[[ModelConfig], nn.Module]
 
@@ -103,7 +104,8 @@ class HaipaiModel(nn.Module):
         # or every layer of a vanilla Nr=1 model), keyed by the application index.
         unshared = [a for a, (_, r) in enumerate(self.order) if r is None or cfg.n_recursions == 1]
         mod_apps = unshared[cfg.mod_every - 1 :: cfg.mod_every] if cfg.mod_capacity > 0 else []
-        self.mod_gates = nn.ModuleDict({str(a): TopKGate(cfg.d_model) for a in mod_apps})
+        budget = getattr(self.router, "budget_head", None) is not None  # budget-aware MoD thresholds (model/budget.py)
+        self.mod_gates = nn.ModuleDict({str(a): TopKGate(cfg.d_model, budget=budget) for a in mod_apps})
         self.mod_aux_loss_weight = 0.001
         # recompute the recursion steps' layer activations in the backward (set by the module's
         # activation_checkpointing argument; not part of the architecture)
@@ -163,14 +165,20 @@ class HaipaiModel(nn.Module):
     # ---------------------------------------------------------------- forward
     def forward(
         self, input_ids: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None,
-        max_depth: int | None = None,
+        max_depth: int | None = None, budget: torch.Tensor | None = None,
     ) -> ModelOutput:
         """input_ids (B, T) -> ModelOutput(logits (B, T, V)).
 
         With a cache, the T new tokens follow `cache.seen`; each layer application caches the
         keys/values of the tokens that ran it (routing decides which), so decoding step by step
         gives the logits of the full forward. `max_depth` caps the recursion steps (a cheaper
-        draft of the same model, for speculative decoding).
+        draft of the same model, for speculative decoding) or, above n_recursions, adds test-time
+        recursion steps (MoR paper, arXiv 2507.10524, test-time scaling by depth): an extra step
+        r >= Nr runs the last recursion step's layers again, routed by `router.step(r, ...)` (each
+        router states how: model/routing/base.py), with its own cache slots after the coda's.
+        `budget` (B,) or a number: the compute each sequence gets, in the router's budget unit (mean
+        depth for expert-choice MoR, MoD capacity for MoD; model/budget.py); None = the router's budget
+        head chooses (if it has one).
         """
         B, T = input_ids.shape
         if positions is None:
@@ -181,8 +189,10 @@ class HaipaiModel(nn.Module):
         share_store: dict = {}  # recursive KV sharing: step-1 keys/values per shared layer slot
         h = self.embed(input_ids)  # (B, T, D)
 
-        def apply(h: torch.Tensor, sel: Selection, lo: int, hi: int, step: int | None = None) -> torch.Tensor:
-            """Run layer applications lo..hi-1 on h (B, k, D), the tokens `sel` of the sequence."""
+        def apply(h: torch.Tensor, sel: Selection, lo: int, hi: int, step: int | None = None,
+                  shift: int = 0) -> torch.Tensor:
+            """Run layer applications lo..hi-1 on h (B, k, D), the tokens `sel` of the sequence.
+            `shift`: a test-time extra step keeps its keys/values in cache slots a + shift."""
             pos = sel.positions(positions)  # original RoPE positions of the gathered tokens
             cos, sin = self.rope(pos)
             # routed tokens without a cache: attention needs their absolute positions (sliding window)
@@ -191,9 +201,9 @@ class HaipaiModel(nn.Module):
                 layer = self.layers[self.order[a][0]]
                 if step is not None and self.cfg.kv_mode == "shared":
                     share = KVShare(share_store, a - lo, step > 0, pos)
-                kv = KVView(cache[a], pos, valid=sel.valid) if cache is not None else None
+                kv = KVView(cache[a + shift], pos, valid=sel.valid) if cache is not None else None
                 if str(a) in self.mod_gates:
-                    h = self._mod(a, layer, h, pos, records, cache)
+                    h = self._mod(a, layer, h, pos, records, cache, state.get("budget_scale"), shift)
                 elif self.activation_checkpointing and self.order[a][1] is not None and kv is None and torch.is_grad_enabled():
                     h = checkpointed_layer(layer, h, cos, sin, share, records, sel.valid)  # recursion blocks only
                 else:
@@ -203,17 +213,29 @@ class HaipaiModel(nn.Module):
         n_pre = len(self.schedule.prelude)
         full = Selection.full(T)
         h = apply(h, full, 0, n_pre)
+        if budget is not None or getattr(self.router, "budget_head", None) is not None:  # per-sequence compute (model/budget.py)
+            scale = budget_scale(self.router, h, positions, cache, budget, self.training)
+            state["budget_scale"] = scale
         if self.schedule.cycle:
             slices = self.schedule.step_slices()
-            for r, (lo, hi) in enumerate(slices):
-                if max_depth is not None and r >= max_depth:
-                    break
-                h = self.router.step(r, h, lambda x, sel, lo=lo, hi=hi, r=r: apply(x, sel, lo, hi, r), state, records)
+            nr = len(slices)
+            for r in range(nr if max_depth is None else max_depth):
+                lo, hi = slices[min(r, nr - 1)]  # an extra step (r >= Nr) reruns the last step's layers
+                shift = 0 if r < nr else len(self.order) + (r - nr) * (hi - lo) - lo
+                if shift and cache is not None:
+                    cache.ensure(hi + shift)
+                h = self.router.step(r, h, lambda x, sel, lo=lo, hi=hi, r=r, s=shift: apply(x, sel, lo, hi, r, s),
+                                     state, records)
             end = slices[-1][1]
+        elif max_depth is not None and max_depth > self.schedule.n_recursions:
+            raise ConfigError(f"max_depth={max_depth} needs a cycle sharing strategy (cycle or middle_cycle); "
+                              f"sharing={self.cfg.sharing} runs each shared layer Nr times in a row")
         else:
             end = n_pre + len(self.schedule.shared) * self.schedule.n_recursions
             h = apply(h, full, n_pre, end)
         h = apply(h, full, end, len(self.order))
+        if "budget_scale" in state:
+            records.append(budget_record(self.router, state["budget_scale"], records))
         if cache is not None:
             cache.seen += T
         logits = self.head(self.norm(h))
@@ -223,7 +245,7 @@ class HaipaiModel(nn.Module):
         return ModelOutput(logits=logits, aux_losses=aux, records=records)
 
     def _mod(self, a: int, layer: Block, h: torch.Tensor, positions: torch.Tensor, records: list,
-             cache: KVCache | None = None) -> torch.Tensor:
+             cache: KVCache | None = None, budget: torch.Tensor | None = None, shift: int = 0) -> torch.Tensor:
         """Mixture-of-Depths around one unshared layer: the top-capacity tokens run it, the rest skip.
 
         Output of a routed token: h + sigmoid(logit) * (layer(h) - h) (MoD, Raposo et al. 2024).
@@ -232,14 +254,18 @@ class HaipaiModel(nn.Module):
         B, T, _ = h.shape
         gate: TopKGate = self.mod_gates[str(a)]
         full = Selection.full(T)
-        k = capacity_k(self.cfg.mod_capacity, T)
-        sel, logits, aux, metrics = gate.decide(h, full, k, use_threshold=not self.training)
+        k: int | torch.Tensor = capacity_k(self.cfg.mod_capacity, T)
+        if budget is not None and T == budget.size(1):  # per-sequence capacity min(1, s * mod_capacity)
+            k = capacity_k_rows((self.cfg.mod_capacity * budget[:, -1]).clamp(max=1.0), T)
+        else:
+            budget = None  # the engine's one-token rows: the reference threshold
+        sel, logits, aux, metrics = gate.decide(h, full, k, use_threshold=not self.training, scale=budget)
         x = sel.gather(h)
         if x.size(1):
             pos = sel.positions(positions)
             cos, sin = self.rope(pos)
             g = torch.sigmoid(sel.gather(logits[..., None]))
-            kv = KVView(cache[a], pos, valid=sel.valid) if cache is not None else None
+            kv = KVView(cache[a + shift], pos, valid=sel.valid) if cache is not None else None
             share = KVShare.at(pos) if kv is None else None  # the gathered tokens' positions (sliding window)
             x = x + g * (layer(x, cos, sin, kv, share, records, sel.valid if kv is None else None) - x)  # records: a routed MLP inside keeps its aux losses
         records.append(RouterRecord("mod", None, torch.sigmoid(logits.detach()), sel.mask(B, h.device),

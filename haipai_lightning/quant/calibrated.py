@@ -28,7 +28,9 @@ from haipai_lightning.quant.gptq import Quantized, gptq_quantize, quantize_rtn
 from haipai_lightning.quant.guided import guided_quantize
 from haipai_lightning.quant.hadamard import hadamard, has_hadamard
 from haipai_lightning.quant.layers import QLinear
+from haipai_lightning.quant.lnq import lnq_solve
 from haipai_lightning.quant.qexperts import QExperts, group_for
+from haipai_lightning.quant.qtensor import QuantizedWeight
 
 
 def online_hadamard_for(parent: nn.Module, name: str, lin: nn.Module, rotate: bool, act_bits: int | None) -> bool:
@@ -41,9 +43,13 @@ def _orth(k: int) -> torch.Tensor:
     return hadamard(k) / math.sqrt(k)  # float64, orthogonal
 
 
-def qlinear_rtn(lin: nn.Linear, bits: int, group_size: int, act_bits: int | None, online: bool) -> QLinear:
-    """Round-to-nearest QLinear for any of 8 / 4 / 3 / 2 bits (3 / 2 in the int4 container)."""
+def qlinear_rtn(lin: nn.Linear, bits: int, group_size: int, act_bits: int | None, online: bool,
+                codebook: bool = False) -> QLinear:
+    """Round-to-nearest QLinear for any of 8 / 4 / 3 / 2 bits (3 / 2 in the int4 container).
+    codebook: the empty LNQ layout (per-row 2^bits levels) that a loaded export fills."""
     g = group_for(lin.in_features, group_size)
+    if codebook:
+        return QLinear(QuantizedWeight(lin.out_features, lin.in_features, 4, g, codebook=2**bits), act_bits, online)
     if bits in (4, 8):
         return QLinear.from_linear(lin, bits, g, act_bits, online)
     w = lin.weight.detach().double()
@@ -62,11 +68,13 @@ def quantize_experts_rtn(ex: Experts, bits: int, group_size: int, act_bits: int 
     return QExperts.from_qweights(out["w1"], out["w3"], out["w2"], act_bits)
 
 
-def _solve(w: torch.Tensor, h: torch.Tensor | None, bits: int, group_size: int, guided: bool) -> Quantized:
+def _solve(w: torch.Tensor, h: torch.Tensor | None, bits: int, group_size: int, solver: str) -> Quantized:
     g = group_for(w.size(1), group_size)
+    if solver == "lnq" and bits != 8:  # an unreached layer (h None) still gets a codebook: H = I
+        return lnq_solve(w, torch.eye(w.size(1), dtype=torch.float64) if h is None else h, bits)
     if h is None:
         return quantize_rtn(w.float(), bits, g)
-    if guided and h.dim() == 3:
+    if solver in ("guided", "lnq") and h.dim() == 3:
         return guided_quantize(w, h, bits, g)
     return gptq_quantize(w, h, bits, g)
 
@@ -78,7 +86,7 @@ def quantize_calibrated(model: nn.Module, batches: list[Batch], bits: int, group
     """Replace every block linear (and expert) of `model` in place by its GPTQ / GuidedQuant solution.
 
     Returns key -> relative layer-wise error tr(dW H dW^T) / tr(W H W^T) (a diagnostic)."""
-    guided = solver == "guided"
+    guided = solver in ("guided", "lnq")  # LNQ solves under the guided (block-diagonal Fisher) objective
     done: dict[str, tuple[nn.Module, str, Quantized, bool]] = {}
     done_experts: dict[int, dict[str, list[Quantized]]] = {}
     errors: dict[str, float] = {}
@@ -99,7 +107,7 @@ def quantize_calibrated(model: nn.Module, batches: list[Batch], bits: int, group
                 hm = _orth(w.size(1))
                 w = w @ hm
                 h = None if h is None else hm.T @ h @ hm
-            q = _solve(w, h, bits, group_size, guided)
+            q = _solve(w, h, bits, group_size, solver)
             deq = q.dequantize().double()
             if h is not None:
                 hh = h if h.dim() == 2 else h.mean(0)
@@ -114,7 +122,8 @@ def quantize_calibrated(model: nn.Module, batches: list[Batch], bits: int, group
                 for name, src in (("w1", "in"), ("w3", "in"), ("w2", "hidden")):
                     param = getattr(ex, name)
                     w = param[e].detach().t().double()  # (out, in)
-                    q = _solve(w, stats.get(f"{key}.{e}.{src}"), bits, group_size, False)
+                    # experts keep the uniform format under every solver (GPTQ for lnq): QExperts has no codebooks
+                    q = _solve(w, stats.get(f"{key}.{e}.{src}"), bits, group_size, "gptq")
                     param[e].copy_(q.dequantize().t().to(param.dtype))
                     sol[name].append(q)
             done_experts[li] = sol

@@ -41,8 +41,11 @@ class Quantized:
     zero: torch.Tensor | None  # (N, K / g) for the int4 container
     bits: int  # 8, or the levels' bits (2, 3, 4) in the int4 container
     group_size: int
+    codebook: torch.Tensor | None = None  # (N, 2^bits) per-row levels (LNQ); then scale / zero are unused
 
     def dequantize(self) -> torch.Tensor:
+        if self.codebook is not None:
+            return self.codebook.float().gather(1, self.codes.long())
         if self.bits == 8:
             return self.codes.float() * self.scale[:, None]
         N, K = self.codes.shape
@@ -54,8 +57,13 @@ class Quantized:
         """The stored module (int8, or the int4 nibble container)."""
         N, K = self.codes.shape
         container = 8 if self.bits == 8 else 4
-        qw = QuantizedWeight(N, K, container, self.group_size)
+        levels = 0 if self.codebook is None else self.codebook.size(1)
+        qw = QuantizedWeight(N, K, container, self.group_size, codebook=levels)
         with torch.no_grad():
+            if levels:
+                qw.qweight.copy_(pack_int4(self.codes))
+                qw.codebook.copy_(self.codebook)
+                return qw
             if container == 8:
                 qw.qweight.copy_(self.codes)
             else:

@@ -63,6 +63,9 @@ class QuantLayerKV(LayerKV):
             x = x @ self.rot.T
         return x.to(self.dtype)
 
+    def _entry_buffers(self) -> list[torch.Tensor]:
+        return [self.k, self.v, self.k_scale, self.v_scale]
+
     def _store(self, r: torch.Tensor, dest: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         kq, ks = self._quant(k.transpose(1, 2))  # (B, T, H, w), (B, T, H, 1)
         vq, vs = self._quant(v.transpose(1, 2))

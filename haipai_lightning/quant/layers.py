@@ -87,6 +87,8 @@ class QLinear(nn.Module):
 
     def _weight_only(self, x2: torch.Tensor) -> torch.Tensor:
         qw = self.qw
+        if qw.codebook_size:  # no library kernel takes per-row codebooks: dequantize, fp32 matmul
+            return F.linear(x2, qw.dequantize())
         if x2.is_cpu and self._kernel_ok and x2.size(0) > 0:
             try:
                 if qw.bits == 8:

@@ -11,14 +11,19 @@ never increases the objective:
    all other weights fixed. With the error r = w_hat - w, changing w_hat_k by d changes the
    objective by 2 d (H r)_k + d^2 H_kk; the current code (d = 0) is a candidate, so no step rises.
 
-All rows are solved at once (vectorised over N). The result is a dequantized matrix plus codes
-and codebooks; Haipai's stored formats are uniform (scale / zero), so LNQ is an algorithm here,
-not yet a `--method` (no codebook storage / kernel).
+All rows are solved at once (vectorised over N). `lnq_solve` returns the stored form: b-bit codes
+in the int4 nibble container plus a float32 codebook per row (QuantizedWeight(codebook=2^b),
+qtensor.py), the `--method int3_lnq` / `int4_lnq` storage. Under GuidedQuant's block-diagonal
+Fisher (hs (G, K, K), guided.py) each group of output rows is solved under its own Hessian, the
+paper's "GuidedQuant + LNQ".
 """
 
 from __future__ import annotations
 
 import torch
+
+from haipai_lightning.quant.gptq import Quantized
+from haipai_lightning.quant.guided import output_groups
 
 
 def lnq_objective(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
@@ -82,3 +87,16 @@ def lnq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int = 3, iters: int = 4
         if history is not None:
             history.append(lnq_objective(w, c.gather(1, codes), h))
     return c.gather(1, codes), codes, c
+
+
+@torch.no_grad()
+def lnq_solve(w: torch.Tensor, h: torch.Tensor, bits: int, iters: int = 4) -> Quantized:
+    """w (N, K); h (K, K) GPTQ Hessian or (G, K, K) guided Hessians of G row groups -> Quantized
+    with uint8 codes (N, K) and a float32 codebook (N, 2^bits)."""
+    groups = [(torch.arange(w.size(0)), h)] if h.dim() == 2 else list(zip(output_groups(w.size(0), h.size(0)), h))
+    codes = torch.empty(w.shape, dtype=torch.uint8)
+    book = torch.empty(w.size(0), 2**bits)
+    for rows, hg in groups:
+        _, c, b = lnq_quantize(w[rows], hg, bits, iters)
+        codes[rows], book[rows] = c.to(torch.uint8), b.float()
+    return Quantized(codes, torch.ones(w.size(0)), None, bits, w.size(1), codebook=book)

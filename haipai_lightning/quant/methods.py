@@ -10,8 +10,8 @@ online Hadamard before every SwiGLU down projection).
 Quantized: every nn.Linear of every block's mixer and MLP (attention q/k/v/o, SwiGLU, Mamba's
 projections) and, with `embeddings`, the embedding table and the head (one shared low-bit table
 when they are tied). Kept in fp32: norms, routers and MoD gates (a few D-vectors whose
-decisions are thresholds), Mamba's dt / A / D / conv. Refused for round-to-nearest: routed MLPs
-(MoE / MoT experts are stacked (E, D, H) parameters, not linears).
+decisions are thresholds), Mamba's dt / A / D / conv. Routed MLPs' experts (MoE / MoT: stacked
+(E, D, H) parameters, not linears) become QExperts, one QLinear per expert matrix (qexperts.py).
 
 Calibrated methods (`solver`, calibrated.py): "gptq" (GPTQ, arXiv 2210.17323: Hessians of every
 linear's real inputs over calibration batches, column-by-column error compensation) and "guided"
@@ -19,7 +19,8 @@ linear's real inputs over calibration batches, column-by-column error compensati
 store the same formats as round-to-nearest and also quantize routed MLPs' experts (QExperts, one
 Hessian per expert from the rows routed to it). `code_bits` = 3 or 2 stores int3 / int2 codes in the
 int4 nibble container (fewer levels; the bytes on disk are the int4 ones); the embedding table and
-the head then stay int4 (round-to-nearest). `rotation="spinquant"` learns the rotation (SpinQuant,
+the head then stay int4 (round-to-nearest). "lnq" (GuidedQuant's LNQ, lnq.py) stores non-uniform
+per-row codebooks of 2^bits levels, solved under the guided objective (experts: GPTQ, uniform). `rotation="spinquant"` learns the rotation (SpinQuant,
 arXiv 2405.16406; spinquant.py) instead of drawing a random Hadamard. Calibration batches come from
 `quantize_model(..., calib=batches)`; without them sequences sampled from the model itself are used.
 """
@@ -33,6 +34,7 @@ from typing import Any
 from torch import nn
 
 from haipai_lightning.config import ConfigError
+from haipai_lightning.model.mlps.experts import Experts
 from haipai_lightning.quant.kv_cache import QuantKVCacheFactory
 from haipai_lightning.quant.layers import QEmbedding, QLinear
 from haipai_lightning.quant.qtensor import QuantizedWeight
@@ -62,7 +64,7 @@ class QuantSpec:
     seed: int = 0
     """Seed of the random Hadamard signs."""
     solver: str = "rtn"
-    """How weights are rounded: rtn (round-to-nearest), gptq or guided (calibrated; see the module docstring)."""
+    """How weights are rounded: rtn (round-to-nearest), gptq, guided or lnq (calibrated; see the module docstring)."""
     rotation: str = "hadamard"
     """With rotate: hadamard (a seeded random Hadamard) or spinquant (learned by Cayley SGD from it)."""
     code_bits: int | None = None
@@ -79,8 +81,10 @@ class QuantSpec:
                 raise ConfigError(f"quantization {name}={getattr(self, name)!r}: use 8, 4 or null")
         if self.code_bits not in (None, 2, 3, 4) or (self.code_bits is not None and self.weights != 4):
             raise ConfigError(f"quantization code_bits={self.code_bits!r}: use 4, 3 or 2 (or null), with weights=4")
-        if self.solver not in ("rtn", "gptq", "guided"):
-            raise ConfigError(f"quantization solver={self.solver!r}: use rtn, gptq or guided")
+        if self.solver not in ("rtn", "gptq", "guided", "lnq"):
+            raise ConfigError(f"quantization solver={self.solver!r}: use rtn, gptq, guided or lnq")
+        if self.solver == "lnq" and self.weights != 4:
+            raise ConfigError("quantization solver=lnq stores codebooks in the int4 container: set weights=4")
         if self.rotation not in ("hadamard", "spinquant"):
             raise ConfigError(f"quantization rotation={self.rotation!r}: use hadamard or spinquant")
         if self.solver != "rtn" and self.weights is None:
@@ -119,6 +123,8 @@ METHODS: dict[str, QuantSpec] = {
     "int3_gptq": QuantSpec(weights=4, code_bits=3, solver="gptq"),
     "int4_guided": QuantSpec(weights=4, solver="guided"),
     "int3_guided": QuantSpec(weights=4, code_bits=3, solver="guided"),
+    "int4_lnq": QuantSpec(weights=4, solver="lnq"),
+    "int3_lnq": QuantSpec(weights=4, code_bits=3, solver="lnq"),
     "w4a4kv4_spinquant": QuantSpec(weights=4, activations=4, kv=4, rotate=True, rotation="spinquant"),
 }
 """Named methods (`haipai quantize --method NAME`)."""
@@ -149,14 +155,6 @@ def quantize_model(model: nn.Module, spec: QuantSpec | str, inplace: bool = Fals
     """
     spec = get_method(spec)
     m = model if inplace else copy.deepcopy(model)
-    if spec.weights is not None and spec.solver == "rtn":
-        routed = [i for i, layer in enumerate(m.layers) if getattr(layer.mlp, "routed", False)]
-        if routed:
-            raise ConfigError(
-                f"weight quantization does not support routed MLPs (MoE / Mixture-of-Tokens in layers {routed}): "
-                "their experts are stacked (E, D, H) parameters, not nn.Linear; use --method kv8 or kv4, "
-                "a calibrated method (int4_gptq, int3_gptq, int4_guided), or quantize a dense-MLP model"
-            )
     needs_data = not structure_only and (spec.solver != "rtn" or (spec.rotate and spec.rotation == "spinquant"))
     if needs_data and calib is None:
         calib = sample_calibration(m.eval())
@@ -179,13 +177,14 @@ def quantize_model(model: nn.Module, spec: QuantSpec | str, inplace: bool = Fals
         else:
             for layer in m.layers:
                 for part in (layer.mixer, layer.mlp):
-                    if getattr(part, "routed", False):  # a calibrated export being loaded: same storage
+                    if isinstance(getattr(part, "experts", None), Experts):  # MoE / MoT: one QLinear per expert matrix
                         part.experts = quantize_experts_rtn(part.experts, bits, gs, spec.activations)
-                        continue
+                        continue  # its router / gate linears stay fp32 (decisions are thresholds)
                     for parent, name, lin in _linears(part):
                         # QuaRot: the down projection's input (the SwiGLU hidden) gets an online Hadamard
                         online = online_hadamard_for(parent, name, lin, spec.rotate, spec.activations)
-                        setattr(parent, name, qlinear_rtn(lin, bits, gs, spec.activations, online))
+                        setattr(parent, name, qlinear_rtn(lin, bits, gs, spec.activations, online,
+                                                          codebook=spec.solver == "lnq"))
         if spec.embeddings:
             ebits = spec.weights  # int3 / int2 codes: the table and the head stay int4
             D = m.cfg.d_model

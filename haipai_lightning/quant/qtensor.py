@@ -64,14 +64,24 @@ def quantize_int8_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class QuantizedWeight(nn.Module):
     """A (N, K) weight stored in int8 (per-channel) or int4 (group-wise); see the module docstring."""
 
-    def __init__(self, n: int, k: int, bits: int, group_size: int = 32) -> None:
+    def __init__(self, n: int, k: int, bits: int, group_size: int = 32, codebook: int = 0) -> None:
+        """codebook > 0 (int4 container only): each row's codes index its own `codebook` float values
+        (LNQ's non-uniform levels, lnq.py) instead of the group-wise scale / zero."""
         super().__init__()
+        if codebook and (bits != 4 or not 2 <= codebook <= 16):
+            raise ValueError(f"codebook={codebook}: needs bits=4 and 2..16 levels")
         if bits not in (4, 8):
             raise ValueError(f"bits={bits}: only 8 and 4 are supported")
-        if bits == 4 and k % group_size:
+        if codebook and k % 2:
+            raise ValueError(f"a codebook weight packs two codes a byte: the input size {k} must be even")
+        if bits == 4 and not codebook and k % group_size:
             raise ValueError(f"int4 needs the input size {k} to be a multiple of group_size={group_size}")
         self.n, self.k, self.bits, self.group_size = n, k, bits, group_size
-        if bits == 8:
+        self.codebook_size = codebook
+        if codebook:
+            self.register_buffer("qweight", torch.zeros(n, k // 2, dtype=torch.uint8))
+            self.register_buffer("codebook", torch.zeros(n, codebook))  # (N, levels) per-row values
+        elif bits == 8:
             self.register_buffer("qweight", torch.zeros(n, k, dtype=torch.int8))
             self.register_buffer("scale", torch.ones(n))
         else:
@@ -101,6 +111,9 @@ class QuantizedWeight(nn.Module):
 
     def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """(N, K) float32 (or (*rows.shape, K) for an index tensor `rows`)."""
+        if self.codebook_size:  # non-uniform: w[n, k] = codebook[n, code[n, k]]
+            book = self.codebook if rows is None else self.codebook[rows]  # (..., levels)
+            return book.gather(-1, self.codes(rows).long())
         q = self.codes(rows).float()
         if self.bits == 8:
             s = self.scale if rows is None else self.scale[rows]
@@ -111,5 +124,7 @@ class QuantizedWeight(nn.Module):
         return (qg * s[..., None] + z[..., None]).reshape(q.shape)
 
     def extra_repr(self) -> str:
+        if self.codebook_size:
+            return f"{self.n}x{self.k}, int4 codes, {self.codebook_size}-level codebook per row"
         g = f", group_size={self.group_size}" if self.bits == 4 else ""
         return f"{self.n}x{self.k}, int{self.bits}{g}"

@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from haipai_lightning.decode.engine import Engine, Request
 from haipai_lightning.decode.sampling import SamplingConfig
+from haipai_lightning.decode.token_budget import budget_tokens
 from haipai_lightning.serve.metrics import Metrics
 from haipai_lightning.serve.protocol import APIError, CompletionParams, ServedModel, parse_completion
 from haipai_lightning.serve.scheduler import Event, Job, QueueFull, Scheduler, ShuttingDown
@@ -47,10 +48,11 @@ class EngineFailed(Exception):
 def build_app(model: Any, tokenizer: Any, model_id: str, max_batch: int = 8, max_queue: int = 64) -> FastAPI:
     max_len = model.cfg.max_seq_len
     eos = tokenizer.token_to_id("<|endoftext|>") or 0  # as `haipai generate` (cli/generate.py)
+    table = budget_tokens(tokenizer)  # token budgets the model was trained with (decode/token_budget.py)
     served = ServedModel(model_id, max_len, model.cfg.vocab_size, model.schedule.n_recursions, eos,
-                         max_batch + max_queue)
+                         max_batch + max_queue, tuple(table.items()))
     metrics = Metrics(max_batch)
-    scheduler = Scheduler(lambda: Engine(model, max_batch=max_batch, max_len=max_len), max_queue, metrics)
+    scheduler = Scheduler(lambda: Engine(model, max_batch=max_batch, max_len=max_len, budget_tokens=table), max_queue, metrics)
     metrics.bind(scheduler.queue_length, scheduler.active, max_batch)
     created = int(time.time())
 
@@ -108,7 +110,8 @@ def build_app(model: Any, tokenizer: Any, model_id: str, max_batch: int = 8, max
             p = parse_completion(raw, served, lambda s: tokenizer.encode(s).ids)
             reqs = [Request(ids, p.max_tokens, SamplingConfig(
                 p.max_tokens, p.temperature, p.top_k, p.top_p, None if p.seed is None else p.seed + i),
-                p.depth_budget, None if p.ignore_eos else eos) for i, ids in enumerate(p.prompts)]
+                p.depth_budget, None if p.ignore_eos else eos, token_budget=p.token_budget)
+                for i, ids in enumerate(p.prompts)]
             jobs = scheduler.submit(reqs, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
         except QueueFull as e:
             return _error(metrics, APIError(str(e), None, 429, "rate_limit_exceeded", "queue_full"))

@@ -5,7 +5,9 @@ The fields and their ranges follow the OpenAI completions API reference
 strings, a list of token ids or a list of such lists; `max_tokens` (default 16); `temperature` in [0, 2]
 (default 1); `top_p` in (0, 1] (default 1); `stop` a string or up to 4 strings; `seed`; `stream` with
 `stream_options.include_usage`; `n` = 1 only. Extras, as vLLM names them: `top_k` and `ignore_eos`;
-Haipai's own: `depth_budget`, a cap on the mean recursion depth (1..Nr, decode/engine.py).
+Haipai's own: `depth_budget`, a cap on the mean recursion depth (1..Nr, decode/engine.py), and
+`token_budget`, the target length of the completion for a model trained with token budgets
+(decode/token_budget.py; it ends at the end token, so ignore_eos must be false).
 
 Every mistake raises `APIError`, which the app answers with HTTP 400 and
 {"error": {"message", "type": "invalid_request_error", "param": FIELD, "code"}}, the shape of OpenAI's
@@ -21,6 +23,8 @@ import json
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
+
+from haipai_lightning.decode.token_budget import token_budget_error
 
 OPENAI_MAX_STOP = 4  # "Up to 4 sequences where the API will stop generating further tokens"
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit integer
@@ -48,6 +52,7 @@ class ServedModel:
     n_recursions: int
     eos_id: int
     max_prompts: int  # prompts per request: at most the slots plus the queue could ever hold
+    budget_tokens: tuple[tuple[int, int], ...] = ()  # (budget length, token id) the model was trained with
 
 
 @dataclass
@@ -63,13 +68,14 @@ class CompletionParams:
     include_usage: bool = False
     depth_budget: float | None = None
     ignore_eos: bool = False
+    token_budget: int | None = None
 
 
 # OpenAI fields Haipai does not implement, and the values that mean "off"
 _NEUTRAL = {"echo": (None, False), "logprobs": (None,), "best_of": (None, 1), "suffix": (None, ""),
             "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {})}
 _KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream",
-          "stream_options", "n", "user", "depth_budget", "ignore_eos", *_NEUTRAL}
+          "stream_options", "n", "user", "depth_budget", "ignore_eos", "token_budget", *_NEUTRAL}
 
 
 def _is_int(v: Any) -> bool:
@@ -143,9 +149,16 @@ def parse_completion(raw: bytes, served: ServedModel, encode: Callable[[str], li
         raise APIError(f"depth_budget={budget!r} must be a number in [1, {served.n_recursions}] (a cap on the mean "
                        f"recursion depth; this model has n_recursions={served.n_recursions}) or null", "depth_budget")
     p.depth_budget = None if budget is None else float(budget)
+    p.token_budget = body.get("token_budget")
+    if p.token_budget is not None:
+        why = token_budget_error(p.token_budget, dict(served.budget_tokens), p.max_tokens, "max_tokens")
+        if why is None and p.ignore_eos:
+            why = "ends the completion at the end token: ignore_eos must be false"
+        if why:
+            raise APIError(f"token_budget={p.token_budget!r} {why}", "token_budget")
     p.prompts = _prompts(body, served, encode)
     for i, ids in enumerate(p.prompts):
-        if len(ids) + p.max_tokens > served.max_len:
+        if len(ids) + (p.token_budget is not None) + p.max_tokens > served.max_len:
             where = "Your prompt" if len(p.prompts) == 1 else f"Prompt {i}"
             raise APIError(f"This model's maximum context length is {served.max_len} tokens, however you requested "
                            f"{len(ids) + p.max_tokens} tokens ({len(ids)} in the prompt; {p.max_tokens} for the "

@@ -98,6 +98,12 @@ class MoRLightningModule(L.LightningModule):
         out = self(batch["input_ids"])
         lm = F.cross_entropy(out.logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
         total = lm + sum(out.aux_losses.values(), torch.zeros((), device=lm.device))
+        head = getattr(self.model.router, "budget_head", None)
+        if head is not None and self.training:  # the budget head fits each sequence's loss at its budget
+            fit = head.fit_loss(per_sequence_loss(out.logits, batch["labels"]))
+            if fit is not None:
+                out.aux_losses["budget/fit"] = fit
+                total = total + fit
         return total, lm, out
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -109,6 +115,7 @@ class MoRLightningModule(L.LightningModule):
         self.log("train/ppl", torch.exp(lm.detach()))
         for name, v in out.aux_losses.items():
             self.log(f"train/aux/{name}", v)
+        log_budget(self, "train", out.records)
         if out.aux_losses:
             self.log("train/total_loss", total)
         return total
@@ -138,6 +145,7 @@ class MoRLightningModule(L.LightningModule):
         for rec in out.records:  # causal threshold routing vs the top-k it imitates
             if "sampling_acc" in rec.metrics:
                 self.log(f"val/sampling_acc/{rec.name}", rec.metrics["sampling_acc"], on_step=False, on_epoch=True)
+        log_budget(self, "val", out.records)
         self.log("val/loss", self.val_loss, prog_bar=True, on_step=False, on_epoch=True)
         self.log("val/ppl", self.val_ppl, on_step=False, on_epoch=True)
 
@@ -244,6 +252,20 @@ class MoRLightningModule(L.LightningModule):
         model.activation_checkpointing = getattr(self.model, "activation_checkpointing", False)
         self.model, self.config = model, model.cfg
         self._forward = torch.compile(model) if self.hparams.get("compile") else model
+
+
+def per_sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss of each sequence: logits (B, T, V), labels (B, T) -> (B,)."""
+    nll = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=-100, reduction="none")
+    return nll.sum(1) / (labels != -100).sum(1).clamp(min=1)
+
+
+def log_budget(module: L.LightningModule, split: str, records: list[RouterRecord]) -> None:
+    """Budget telemetry (model/budget.py): requested vs realised compute, `<split>/budget/...`."""
+    for rec in records:
+        if rec.group == "budget":
+            for k, v in rec.metrics.items():
+                module.log(f"{split}/budget/{k}", v, on_step=split == "train", on_epoch=split != "train")
 
 
 def _plain(v: Any) -> Any:

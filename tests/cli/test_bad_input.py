@@ -37,6 +37,7 @@ CASES = [
     ("top_k_negative", ["generate", "--ckpt_path", CKPT, "--top_k", "-3"], "--top_k"),
     ("max_new_tokens_negative", ["generate", "--ckpt_path", CKPT, "--max_new_tokens", "-5"], "--max_new_tokens"),
     ("batch_size_0", ["generate", "--ckpt_path", CKPT, "--prompts", "prompts.txt", "--batch_size", "0"], "--batch_size"),
+    ("token_budget_untrained", ["generate", "--ckpt_path", CKPT, "--token_budget", "8"], "--token_budget"),
     ("depth_budget_0", ["generate", "--ckpt_path", CKPT, "--prompts", "prompts.txt", "--depth_budget", "0"],
      "--depth_budget"),
     ("speculative_negative", ["generate", "--ckpt_path", CKPT, "--speculative", "-1"], "--speculative"),

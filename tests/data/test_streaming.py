@@ -255,9 +255,11 @@ def test_prepare_command_parses_and_prints(tmp_path, capsys):
     parser = ArgumentParser()
     parser.add_function_arguments(prepare_command, as_positional=False)
     cfg = parser.parse_args(["--source", "kjv", "--out", str(tmp_path / "o"), "--vocab_size", "300",
-                             "--bpe_sample_mb", "0.1", "--max_documents", "20", "--workers", "2", "--verify", "true"])
+                             "--bpe_sample_mb", "0.1", "--max_documents", "20", "--workers", "2", "--verify", "true",
+                             "--scores", "[length]"])
     index = prepare_command(**cfg.as_dict())
     assert "use data.prepared=" in capsys.readouterr().out and index["n_documents"]["train"] > 0
+    assert load_index(tmp_path / "o")["scores"]["length"][0]["n_tokens"] == index["n_documents"]["train"]
 
 
 def test_cli_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys):
@@ -281,7 +283,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys):
 
 
 def test_overwrite_and_the_cli_vocab_link(kjv_dir, tmp_path):
-    from datamodules.streaming import linked_vocab_size
+    from datamodules.text import resolve_vocab_size
 
     out = str(tmp_path / "o")
     small = dict(source="kjv", out=out, vocab_size=300, bpe_sample_mb=0.1, max_documents=20)
@@ -290,7 +292,7 @@ def test_overwrite_and_the_cli_vocab_link(kjv_dir, tmp_path):
     again = prepare(**small, overwrite=True)
     assert load_index(out) == again and not list((tmp_path / "o").glob("*.tmp"))
     vocab = load_index(kjv_dir)["vocab_size"]
-    assert linked_vocab_size({"class_path": "datamodules.TextDataModule", "init_args": {"vocab_size": 4096}}) == 4096
-    assert linked_vocab_size({"class_path": "x", "init_args": {"prepared": [kjv_dir, out], "vocab_size": None}}) \
-        == max(vocab, again["vocab_size"])
-    assert StreamingDataModule(kjv_dir).vocab_size == vocab == linked_vocab_size({"prepared": kjv_dir})
+    assert resolve_vocab_size(4096, [kjv_dir]) == 4096 and resolve_vocab_size(None) == 8192
+    assert resolve_vocab_size(None, [kjv_dir, out]) == max(vocab, again["vocab_size"])
+    assert StreamingDataModule(kjv_dir).vocab_size == vocab == resolve_vocab_size(None, kjv_dir)
+    assert resolve_vocab_size(None, None, os.path.join(kjv_dir, "tokenizer.json")) == vocab

@@ -73,3 +73,41 @@ def test_lm_loss_reaches_the_spans():
     x, cos, sin = inputs(cfg)
     m(x, cos, sin).pow(2).sum().backward()
     assert m.span_frac.grad.abs().sum() > 0
+
+
+def test_decoding_cache_shrinks_to_the_span_and_stays_exact():
+    """Decoding drops keys no head can reach: a span layer's cache holds at most R + max z entries per row;
+    the logits still equal the full forward, and greedy speculative decoding (which rolls the cache back)
+    still equals plain greedy decoding."""
+    from haipai_lightning.decode.speculative import speculative_generate
+    from haipai_lightning.model.decoder import HaipaiModel
+    from haipai_lightning.model.routing.expert_choice import ExpertChoiceRouter
+
+    torch.manual_seed(0)
+    V, L = 61, 40
+    mixer = partial(AdaptiveSpanAttention, max_span=16, ramp=3, init_span=0.25)  # reach R + z = 7
+    m = HaipaiModel(tiny_config(vocab_size=V, max_seq_len=64), mixer=mixer, router=ExpertChoiceRouter).eval()
+    x = torch.randint(0, V, (2, L))
+    with torch.no_grad():
+        full = m(x).logits
+        cache = m.new_cache()
+        steps = torch.cat([m(x[:, t:t + 1], cache=cache).logits for t in range(L)], 1)
+        torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-5)
+        used = [int(layer.lengths.max()) for layer in cache.layers if layer.k is not None]
+        assert used and max(used) <= 8 < L  # entries at distance < 7 from the last query, plus the new one
+        ref = m.new_cache()  # the same model with the span set to the whole sequence keeps everything
+        for layer in m.layers:
+            layer.mixer.span_frac.data.fill_(1.0)
+            layer.mixer.max_span = 64
+        for t in range(L):
+            m(x[:, t:t + 1], cache=ref)
+        assert cache.nbytes() < ref.nbytes() / 3
+        for layer in m.layers:
+            layer.mixer.span_frac.data.fill_(0.25)
+            layer.mixer.max_span = 16
+        p = x[:1, :8]
+        plain = p
+        for _ in range(12):
+            plain = torch.cat([plain, m(plain).logits[:, -1:].argmax(-1)], 1)
+        spec, _ = speculative_generate(m, p, 12, k=3)
+    assert torch.equal(spec, plain)

@@ -139,3 +139,39 @@ def test_front_door_and_export_round_trip(variant, tmp_path):
     x = torch.randint(0, V, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(m2(x).logits, m(x).logits, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["span", "cope", "cope_norope"])
+def test_explicit_score_variants_under_recursive_kv_sharing(variant):
+    """kv_mode=shared (MoR section 2.3: later recursion steps reuse step 1's keys/values): causal, and
+    cached decoding == the full forward."""
+    m = model(variant, kv_mode="shared").eval()
+    x = torch.randint(0, V, (2, T))
+    y = x.clone()
+    y[:, 12:] = torch.randint(0, V, (2, T - 12))
+    with torch.no_grad():
+        full, other = m(x).logits, m(y).logits
+        cache = m.new_cache()
+        steps = torch.cat([m(x[:, t : t + 1], cache=cache).logits for t in range(T)], 1)
+    torch.testing.assert_close(full[:, :12], other[:, :12], atol=1e-6, rtol=0)
+    torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-5)
+
+
+def test_full_span_under_kv_sharing_is_standard_attention_under_kv_sharing():
+    """The explicit-score path's KV sharing equals Attention's own: an adaptive span longer than the
+    sequence is full attention, so the two models (same weights) agree under kv_mode=shared."""
+    from haipai_lightning.model.mixers.attention import Attention
+
+    torch.manual_seed(0)
+    cfg = tiny_config(vocab_size=V, kv_mode="shared")
+    span = HaipaiModel(cfg, mixer=functools.partial(AdaptiveSpanAttention, max_span=4 * T, ramp=2),
+                       router=ExpertChoiceRouter).eval()
+    ref = HaipaiModel(cfg, mixer=Attention, router=ExpertChoiceRouter).eval()
+    missing, unexpected = ref.load_state_dict(span.state_dict(), strict=False)
+    assert not missing and all("span_frac" in k for k in unexpected)
+    with torch.no_grad():
+        for p in ref.router.parameters():
+            p.mul_(40)
+        span.router.load_state_dict(ref.router.state_dict())
+        x = torch.randint(0, V, (2, T))
+        torch.testing.assert_close(span(x).logits, ref(x).logits, atol=1e-5, rtol=1e-5)

@@ -15,7 +15,7 @@ from haipai_lightning.model.routing.expert_choice import ExpertChoiceRouter
 from haipai_lightning.quant.calibration import block_linears, collect_stats
 from haipai_lightning.quant.gptq import gptq_quantize, layer_error, quantize_rtn
 from haipai_lightning.quant.guided import guided_hessians, guided_objective, guided_quantize
-from haipai_lightning.quant.lnq import lnq_quantize
+from haipai_lightning.quant.lnq import lnq_quantize, lnq_solve
 from haipai_lightning.quant.methods import METHODS, QuantSpec, quantize_model
 from haipai_lightning.quant.qexperts import QExperts
 from haipai_lightning.quant.qtensor import QuantizedWeight
@@ -96,6 +96,43 @@ def test_lnq_objective_never_increases():
     assert layer_error(w, w_hat, h) < layer_error(w, quantize_rtn(w, 3, 48).dequantize(), h)
 
 
+def test_lnq_is_stored_as_codes_and_codebooks_and_reproduces_the_solution():
+    """The stored LNQ weight (int4 nibbles + a per-row codebook) dequantizes to exactly the solver's
+    w_hat; a QLinear on it computes x w_hat^T; guided groups get their own codebooks."""
+    from haipai_lightning.quant.layers import QLinear
+
+    torch.manual_seed(5)
+    x, w = torch.randn(200, 32), torch.randn(12, 32)
+    h = 2 * x.double().T @ x.double()
+    w_hat, _, _ = lnq_quantize(w, h, bits=3, iters=3)
+    q = lnq_solve(w, h, bits=3, iters=3)
+    torch.testing.assert_close(q.dequantize(), w_hat.float())
+    qw = q.to_qweight()
+    assert qw.qweight.dtype == torch.uint8 and qw.qweight.shape == (12, 16) and qw.codebook.shape == (12, 8)
+    torch.testing.assert_close(qw.dequantize(), w_hat.float())
+    torch.testing.assert_close(QLinear(qw)(x[:5]), x[:5] @ w_hat.float().T, atol=1e-5, rtol=1e-5)
+    hs = guided_hessians(x, torch.randn(200, 12), groups=3)
+    qg = lnq_solve(w, hs, bits=2, iters=2)
+    assert int(qg.codes.max()) < 4 and qg.codebook.shape == (12, 4)
+    assert guided_objective(w, qg.dequantize(), hs) < guided_objective(w, quantize_rtn(w, 2, 32).dequantize(), hs)
+
+
+def test_lnq_method_quantizes_a_model_exports_and_loads_back(tmp_path):
+    from haipai_lightning.io.export import load_pretrained, save_pretrained
+
+    torch.manual_seed(6)
+    m = HaipaiModel(ModelConfig(vocab_size=V, d_model=64, n_layers=3, n_heads=4, ffn_hidden=64, max_seq_len=64)).eval()
+    calib = [{"input_ids": torch.randint(0, V, (4, 32)), "labels": torch.randint(0, V, (4, 32))}]
+    q = quantize_model(m, "int3_lnq", calib=calib)
+    lin = q.layers[0].mlp.w1
+    assert lin.qw.codebook_size == 8 and int(lin.qw.codes().max()) < 8
+    x = torch.randint(0, V, (2, 10))
+    with torch.no_grad():
+        assert rel(q(x).logits, m(x).logits) < 0.2
+        back, _ = load_pretrained(save_pretrained(q, tmp_path / "m", arch=None))
+        torch.testing.assert_close(back(x).logits, q(x).logits, atol=1e-5, rtol=1e-5)
+
+
 def test_spinquant_rotation_is_orthogonal_and_leaves_fp32_unchanged(trained):
     m, calib, _ = trained
     r = copy.deepcopy(m)
@@ -165,7 +202,7 @@ def test_calibrated_exports_load_back(tmp_path, method):
 
 def test_callback_calibrates_on_training_batches(tmp_path, monkeypatch):
     """PostTrainingQuantization hands a calibrated method training batches (not the validation ones), and
-    accepts calibrated weight methods on an MoE model, which round-to-nearest refuses."""
+    accepts weight methods on an MoE model (rotations it refuses)."""
     from types import SimpleNamespace
 
     import lightning as L
@@ -178,8 +215,9 @@ def test_callback_calibrates_on_training_batches(tmp_path, monkeypatch):
 
     moe = HaipaiModel(ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, ffn_hidden=64), mlp=TokenChoiceMoE)
     PostTrainingQuantization(methods=["int4_gptq"]).setup(None, SimpleNamespace(model=moe), "fit")
-    with pytest.raises(ConfigError, match="int4"):
-        PostTrainingQuantization(methods=["int4"]).setup(None, SimpleNamespace(model=moe), "fit")
+    PostTrainingQuantization(methods=["int4"]).setup(None, SimpleNamespace(model=moe), "fit")
+    with pytest.raises(ConfigError, match="int4_rotated"):
+        PostTrainingQuantization(methods=["int4_rotated"]).setup(None, SimpleNamespace(model=moe), "fit")
 
     seen = {}
     real = quant_report.evaluate_methods

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from haipai_lightning.config import ConfigError, ModelConfig
 from haipai_lightning.quant.hadamard import hadamard, random_orthogonal
@@ -74,22 +75,32 @@ def test_rotation_leaves_fp32_logits_unchanged(case):
     assert rel(r.embed.weight, m.embed.weight) > 0.5  # the weights really changed
 
 
-def test_rotation_and_quantization_refuse_moe():
+def test_rotation_refuses_moe_and_round_to_nearest_stores_its_experts():
     m = HaipaiModel(ModelConfig(vocab_size=V, d_model=32, n_layers=3, n_heads=4, ffn_hidden=64),
-                    mlp=lambda cfg: TokenChoiceMoE(cfg, n_experts=4, top_k=2, expert_hidden=32))
+                    mlp=lambda cfg: TokenChoiceMoE(cfg, n_experts=4, top_k=2, expert_hidden=32)).eval()
     with pytest.raises(ConfigError, match="routed MLPs"):
         quantize_model(m, "int4_rotated")
-    with pytest.raises(ConfigError, match="routed MLPs"):
-        quantize_model(m, "int8")
     quantize_model(m, "kv4")  # the KV cache alone is fine
-    # the callback refuses weight methods at setup, before any training
+    from haipai_lightning.quant.qexperts import QExperts
+
+    x = torch.randint(0, V, (2, 12))
+    for method in ("int8", "int4"):  # round-to-nearest experts: stored low-bit, router kept fp32, decodes
+        q = quantize_model(m, method)
+        assert isinstance(q.layers[0].mlp.experts, QExperts) and isinstance(q.layers[0].mlp.router, nn.Linear)
+        with torch.no_grad():
+            full = q(x).logits
+            cache = q.new_cache(12)
+            steps = torch.cat([q(x[:, t:t + 1], cache=cache).logits for t in range(12)], 1)
+            assert rel(full, m(x).logits) < (0.02 if method == "int8" else 0.2)
+        torch.testing.assert_close(steps, full, atol=1e-4, rtol=1e-4)
+    # the callback refuses rotated methods at setup, before any training
     from types import SimpleNamespace
 
     from callbacks import PostTrainingQuantization
 
-    with pytest.raises(ConfigError, match="PostTrainingQuantization methods \\['int8'\\]"):
-        PostTrainingQuantization(methods=["int8", "kv4"]).setup(None, SimpleNamespace(model=m), "fit")
-    PostTrainingQuantization(methods=["kv4"]).setup(None, SimpleNamespace(model=m), "fit")
+    with pytest.raises(ConfigError, match="PostTrainingQuantization methods \\['int4_rotated'\\]"):
+        PostTrainingQuantization(methods=["int4_rotated", "int8"]).setup(None, SimpleNamespace(model=m), "fit")
+    PostTrainingQuantization(methods=["int8", "kv4"]).setup(None, SimpleNamespace(model=m), "fit")
 
 
 def test_weights_are_really_low_bit():

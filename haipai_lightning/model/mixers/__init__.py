@@ -4,7 +4,8 @@ from haipai_lightning.model.mixers.cca import CoreContextAttention
 from haipai_lightning.model.mixers.cope import CoPEAttention
 from haipai_lightning.model.mixers.dtrnet import DTRNetAttention
 from haipai_lightning.model.mixers.mamba import Mamba
+from haipai_lightning.model.mixers.mindskip import MindSkipAttention
 from haipai_lightning.model.mixers.moh import MixtureOfHeadsAttention
 
 __all__ = ["AdaptiveSpanAttention", "Attention", "CoPEAttention", "CoreContextAttention", "DTRNetAttention", "Mamba",
-           "MixtureOfHeadsAttention"]
+           "MindSkipAttention", "MixtureOfHeadsAttention"]

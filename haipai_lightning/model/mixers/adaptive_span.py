@@ -7,8 +7,13 @@ to 1 (eq. 3 of the paper: the mask on exp(s_x), i.e. on the softmax weights, the
 An L1 penalty on the spans, (1 / H) sum_h z_h, is the aux loss `span` (weight `span_loss_weight`),
 reported in a RouterRecord `span/layer<i>/<n>`.
 
-Decoding keeps the full KV cache and masks it (keys beyond z_h + R get weight exactly 0): the
-decode output equals the full forward, but the cache and the score FLOPs are not trimmed to the span.
+Decoding trims the cache to the span: a key at distance >= R + max_h z_h from the earliest query of a
+step gets weight exactly 0 from every head, now and for every later query, so after the step it is
+dropped (`LayerKV.drop_before`); the cache holds at most about R + max z_h entries per row and each
+step scores only those. The weights being renormalised over the kept keys, the decode output equals
+the full forward (a query's masked-out keys only ever cancelled in the renormalisation). The earliest
+query (not the last) sets the cut, so speculative decoding's rollback never needs a dropped key.
+Training and the full forward still score every causal key (FLOP counting counts full attention).
 A span >= the sequence length is full causal attention (the reduction the tests check).
 """
 
@@ -62,13 +67,15 @@ class AdaptiveSpanAttention(Attention):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVView | None = None,
                 share: KVShare | None = None, valid: torch.Tensor | None = None,
                 records: list[RouterRecord] | None = None) -> torch.Tensor:
-        if share is not None and share.sharing:
-            raise ConfigError("AdaptiveSpanAttention does not support model.config.kv_mode=shared")
 
         def weight_fn(w: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
             return w * self.span_mask(dist)  # dist (B|1, 1, T, S) -> mask (B|1, H, T, S)
 
         y = explicit_attention(self, x, cos, sin, kv, share, weight_fn=weight_fn)
+        if kv is not None and not torch.is_grad_enabled():  # decoding: forget keys beyond every head's span
+            reach = float(self.ramp + self.spans().max())  # keys at distance >= reach weigh 0 for all heads
+            q_pos = kv.positions if kv.positions.dim() == 2 else kv.positions[None].expand(x.size(0), -1)
+            kv.drop_before(torch.floor(q_pos.min(1).values - reach).long() + 1)  # (B,)
         if records is not None:
             z = self.spans()
             aux = {"span": z.mean()} if self.training else {}

@@ -5,7 +5,8 @@
   head-gated variants (Mixture-of-Heads, DTRNet) weight or replace rows before `wo`.
 - `explicit_attention`: attention with an explicit (B, H, T, S) score matrix, for variants that change
   the logits (CoPE) or the weights (adaptive span). Queries and keys carry absolute positions
-  (decoding cache, `KVShare.at` for routed tokens, or consecutive), so cached == uncached.
+  (decoding cache, `KVShare.at` for routed tokens, or consecutive), so cached == uncached; both KV
+  modes (per-step caches, and MoR's recursive KV sharing).
 """
 
 from __future__ import annotations
@@ -55,29 +56,37 @@ def explicit_attention(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin:
     """Causal GQA attention of `attn` (an Attention: wq, wk, wv, heads) with explicit scores: (B, T, H*hd).
 
     Keys: this call's tokens (causal by slot: routed rows keep causal order, pads trail) or, with a
-    decoding cache, the row's history under the cache's mask. KV sharing (kv_mode=shared) is refused
-    by the callers. `logit_fn` edits the scaled scores (masked entries are -inf afterwards);
-    `weight_fn` rescales the softmax weights, which are then renormalised.
+    decoding cache, the row's history under the cache's mask. KV sharing (kv_mode=shared, MoR section
+    2.3) as in `Attention.forward`: step 1 stores its keys/values with their positions, later steps
+    project only queries and attend to the stored keys at positions <= their own. `logit_fn` edits
+    the scaled scores (masked entries are -inf afterwards); `weight_fn` rescales the softmax weights,
+    which are then renormalised.
     """
     B, T, _ = x.shape
     H, Hkv, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
     q = attn.wq(x).view(B, T, H, hd)
-    k = attn.wk(x).view(B, T, Hkv, hd)
-    if rope:
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)
-    v = attn.wv(x).view(B, T, Hkv, hd).transpose(1, 2)
+    q = (apply_rope(q, cos, sin) if rope else q).transpose(1, 2)
     q_pos = positions_of(T, kv, share, x.device)  # (B|1, T)
-    if kv is not None:
-        k, v, mask = kv.update(k, v)
-        S = k.size(2)
-        k_pos = kv.key_positions(S)  # (B, S)
-        if mask is None:
-            mask = torch.ones(B, 1, T, S, dtype=torch.bool, device=x.device)
-        mask = mask & (k_pos >= 0)[:, None, None, :]
+    sharing = share is not None and share.sharing
+    if sharing and share.reuse:  # a later recursion step: step 1's keys/values, no K/V projections
+        k, v, k_pos = share.store[share.slot]  # (B, Hkv, S, hd), (B|1, S)
+        mask = ((k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] >= 0))[:, None]  # (B|1, 1, T, S)
     else:
-        S, k_pos = T, q_pos
-        mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None, None]
+        k = attn.wk(x).view(B, T, Hkv, hd)
+        k = (apply_rope(k, cos, sin) if rope else k).transpose(1, 2)
+        v = attn.wv(x).view(B, T, Hkv, hd).transpose(1, 2)
+        if kv is not None:
+            k, v, mask = kv.update(k, v)
+            S = k.size(2)
+            k_pos = kv.key_positions(S)  # (B, S)
+            if mask is None:
+                mask = torch.ones(B, 1, T, S, dtype=torch.bool, device=x.device)
+            mask = mask & (k_pos >= 0)[:, None, None, :]
+        else:
+            k_pos = q_pos
+            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None, None]
+        if sharing:  # step 1: keep keys/values (and their positions) for the later steps
+            share.store[share.slot] = (k, v, k_pos)
     if Hkv != H:
         k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)  # (B, H, T, S)

@@ -10,8 +10,9 @@ code computes them from the attention logits), so masked keys count 0.
 
 CoPE can replace RoPE (`rope=False`) or come on top of it (`rope=True`, the default). Keys are
 counted over the keys that exist for this layer application (a routed MoR step's gathered tokens, or
-the decoding cache's entries), so cached decoding equals the full forward. kv_mode=shared and the
-sliding window are not supported (explicit scores; FLOP counting is that of full attention).
+the decoding cache's entries, or under kv_mode=shared step 1's keys at or before the query), so cached
+decoding equals the full forward. The sliding window is not supported (explicit scores; FLOP counting
+is that of full attention).
 """
 
 from __future__ import annotations
@@ -55,8 +56,6 @@ class CoPEAttention(Attention):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVView | None = None,
                 share: KVShare | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
-        if share is not None and share.sharing:
-            raise ConfigError("CoPEAttention does not support model.config.kv_mode=shared")
 
         def logit_fn(scores: torch.Tensor, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             return scores + self.position_logits(q, self.contextual_positions(scores, mask))

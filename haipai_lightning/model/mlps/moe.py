@@ -282,11 +282,16 @@ class AdaptiveTopPMoE(_MoEBase):
         z_loss_weight: float = 0.0,
         renormalize: bool = False,
         dispatch: Dispatch = "auto",
+        learned_p: bool = False,
+        p_loss_weight: float = 1.0,
+        p_range: Sequence[float] = (0.05, 0.95),
+        p_temperature: float = 0.05,
     ) -> None:
         """Args:
             cfg: the model configuration (given by the model).
             n_experts: number of experts E.
-            threshold: cumulative probability p in (0, 1], or a list with one p per unique layer.
+            threshold: cumulative probability p in (0, 1], or a list with one p per unique layer (with
+                learned_p: the mean p the per-token predictor is held to).
             max_experts: cap on experts per token (None = E).
             expert_hidden: SwiGLU hidden size of each expert (None = cfg.ffn_dim).
             dynamic_loss_weight: weight of the router-entropy ("dynamic") loss.
@@ -294,8 +299,20 @@ class AdaptiveTopPMoE(_MoEBase):
             z_loss_weight: weight of the router z-loss.
             renormalize: divide the selected probabilities by their sum.
             dispatch: expert matmuls: auto, grouped_mm or loop.
+            learned_p: predict p per token (a linear predictor squashed into p_range) instead of one p per layer.
+            p_loss_weight: weight of the loss holding the mean predicted p to `threshold`.
+            p_range: (lowest, highest) per-token p.
+            p_temperature: width of the soft cut-off whose gradient trains the predictor (straight-through).
         """
         super().__init__(cfg, n_experts, expert_hidden, dispatch)
+        lo, hi = (float(v) for v in p_range)
+        if not 0 < lo < hi <= 1 or p_temperature <= 0:
+            raise ConfigError(f"model.mlp.init_args.p_range={list(p_range)} must be 0 < low < high <= 1 and "
+                              f"p_temperature={p_temperature} > 0")
+        self.p_range, self.p_temperature, self.p_loss_weight = (lo, hi), p_temperature, p_loss_weight
+        # learned per-token p: sigmoid(w.x + b) spans p_range; w = 0 and b = logit of `threshold` start it at
+        # the layer's fixed p, so switching it on does not change the routing before training
+        self.p_predictor = nn.Linear(cfg.d_model, 1) if learned_p else None
         ps = [float(threshold)] if isinstance(threshold, (int, float)) else [float(p) for p in threshold]
         n_unique = make_schedule(cfg).n_unique
         if len(ps) not in (1, n_unique) or any(not 0 < p <= 1 for p in ps):
@@ -307,25 +324,52 @@ class AdaptiveTopPMoE(_MoEBase):
         self.max_experts = min(max_experts or n_experts, n_experts)
         self.dynamic_loss_weight, self.balance_loss_weight = dynamic_loss_weight, balance_loss_weight
         self.z_loss_weight, self.renormalize = z_loss_weight, renormalize
+        if self.p_predictor is not None:
+            if any(not lo < p < hi for p in ps):
+                raise ConfigError(f"model.mlp.init_args.threshold={threshold} must lie inside p_range={[lo, hi]} "
+                                  "with learned_p")
+            nn.init.zeros_(self.p_predictor.weight)
+            u = (sum(ps) / len(ps) - lo) / (hi - lo)
+            nn.init.constant_(self.p_predictor.bias, math.log(u / (1 - u)))
 
     @property
     def threshold(self) -> float:
         return self.thresholds[self.layer_index if len(self.thresholds) > 1 else 0]
 
-    def select(self, probs: torch.Tensor) -> torch.Tensor:
-        """probs (N, E) -> ids (N, E): the top-p experts by descending probability, -1 after them."""
+    def select(self, probs: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
+        """probs (N, E) -> ids (N, E): the top-p experts by descending probability, -1 after them.
+        p (N, 1): a per-token threshold (learned_p); None = the layer's."""
         sp, si = probs.sort(-1, descending=True)
         before = sp.cumsum(-1) - sp  # mass of the experts ranked above each one
-        keep = before < self.threshold
+        keep = before < (self.threshold if p is None else p)
         keep[:, self.max_experts :] = False
         return si.masked_fill(~keep, -1)
+
+    def token_p(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, D) -> the learned per-token threshold p (N, 1) in p_range (fp32)."""
+        lo, hi = self.p_range
+        return lo + (hi - lo) * torch.sigmoid(self.p_predictor(x).float())
+
+    def _learned_gates(self, probs: torch.Tensor, ids: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """Gates (N, E) in the order of `ids` with a straight-through cut-off: value = the probability of a
+        kept expert, gradient to p through sigmoid((p - mass ranked above) / temperature), so the LM loss
+        tells the predictor whether a token's marginal kept expert helps (the dropped ones are not computed,
+        so their gradient is unknown: the mean-p loss pulls the other way)."""
+        sp = probs.sort(-1, descending=True).values  # (N, E): the order of `ids` (select sorts the same way)
+        before = sp.cumsum(-1) - sp
+        soft = torch.sigmoid((p - before) / self.p_temperature)
+        return torch.where(ids >= 0, sp * (1 + soft - soft.detach()), torch.zeros_like(sp))
 
     def forward(self, x: torch.Tensor, records: list[RouterRecord] | None = None) -> torch.Tensor:
         B, T, D = x.shape
         logits = self.router(x.reshape(-1, D)).float()  # (N, E)
         probs = logits.softmax(-1)
-        ids = self.select(probs)
-        gates = probs.gather(-1, ids.clamp(min=0)) * (ids >= 0)
+        p = self.token_p(x.reshape(-1, D)) if self.p_predictor is not None else None  # (N, 1)
+        ids = self.select(probs, p)
+        if p is None:
+            gates = probs.gather(-1, ids.clamp(min=0)) * (ids >= 0)
+        else:
+            gates = self._learned_gates(probs, ids, p)
         if self.renormalize:
             gates = gates / gates.sum(-1, keepdim=True)
         out, rows = dispatch(self.experts, x.reshape(-1, D), ids, gates)
@@ -337,9 +381,15 @@ class AdaptiveTopPMoE(_MoEBase):
             aux["balance"] = balance_loss(load, probs)
             if self.z_loss_weight > 0:
                 aux["z_loss"] = z_loss(logits)
+            if p is not None:  # the per-token p may move, its mean stays at the layer's threshold
+                aux["p_mean"] = (p.mean() - self.threshold) ** 2
         metrics = {"max_vio": max_violation(load), "mean_experts_per_token": torch.tensor(rows / max(B * T, 1)),
                    "expert_rows": torch.tensor(float(rows)), "threshold": torch.tensor(self.threshold)}
+        if p is not None:
+            pd = p.detach()
+            metrics.update(p_mean=pd.mean(), p_std=pd.std() if pd.numel() > 1 else pd.new_zeros(()),
+                           p_min=pd.min(), p_max=pd.max(), threshold=pd.mean())
         weights = {"dynamic": self.dynamic_loss_weight, "balance": self.balance_loss_weight,
-                   "z_loss": self.z_loss_weight}
+                   "z_loss": self.z_loss_weight, "p_mean": self.p_loss_weight}
         self._record(records, probs.view(B, T, -1), sel.view(B, T, -1), aux, weights, metrics)
         return out.view(B, T, D)

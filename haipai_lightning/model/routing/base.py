@@ -10,6 +10,14 @@ where `run(x, sel)` applies the shared block to the gathered tokens `x` (B, k, D
 `Selection` sel, and `state` is a dict that lives for one forward pass. Every router appends a
 `RouterRecord`. The decoding engine, which moves one token per sequence through the block at a
 time, asks the router causally (`decode_start`, `decode_continues`, `decode_combine`).
+
+Test-time depth: `HaipaiModel.forward(max_depth=M)` with M > Nr calls `step(r, ...)` for r >= Nr too
+(the last step's layers again); each router routes those extra steps by its own rule: every token
+(FullRecursion), the last step's gate and capacity among the still-active tokens (expert-choice),
+the tokens that chose the deepest depth (token-choice).
+
+Budgets (model/budget.py): a router with a `budget_head` reads `state["budget_scale"]` (B, T) and
+says what a scale buys in its unit (`budget_compute`).
 """
 
 from __future__ import annotations
@@ -19,7 +27,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from haipai_lightning.config import ModelConfig
+from haipai_lightning.config import ConfigError, ModelConfig
+from haipai_lightning.model.budget import BudgetHead
 from haipai_lightning.model.routing.record import RouterRecord
 from haipai_lightning.model.routing.selection import Selection
 
@@ -35,6 +44,7 @@ class Router(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_recursions = cfg.n_recursions
+        self.budget_head: BudgetHead | None = None  # set when the router honours per-sequence budgets
 
     # ------------------------------------------------------------ full-sequence forward
     def step(self, r: int, h: torch.Tensor, run: RunFn, state: dict, records: list[RouterRecord]) -> torch.Tensor:
@@ -58,6 +68,25 @@ class Router(nn.Module):
                        state: torch.Tensor | None) -> torch.Tensor:
         """Residual combination of one block pass: h (N, 1, D) in, out = block(h) -> new h."""
         return out
+
+    # ------------------------------------------------------------------------- budgets
+    def budget_compute(self, scale: torch.Tensor) -> torch.Tensor:
+        """What compute scale s (B,) buys, in this router's budget unit (B,)."""
+        raise ConfigError(f"model.router {type(self).__name__} takes no compute budget; use ExpertChoiceRouter "
+                          "(mean depth) or FullRecursion with Mixture-of-Depths (MoD capacity) with init_args.budget")
+
+    def _budget_head(self, cfg: ModelConfig, budget: dict | None) -> nn.Module | None:
+        """A BudgetHead from the `budget` init arg (a mapping of its arguments), or None."""
+        if budget is None:
+            return None
+        if not isinstance(budget, dict):
+            raise ConfigError(f"model.router.init_args.budget={budget!r} must be a mapping of BudgetHead arguments "
+                              "(prefix_len, target, hidden, s_min, s_max, fit_weight, dual_rate) or null")
+        try:
+            return BudgetHead(cfg.d_model, **budget)
+        except TypeError as e:
+            raise ConfigError(f"model.router.init_args.budget: {e}; valid keys: prefix_len, target, hidden, s_min, "
+                              "s_max, fit_weight, dual_rate") from e
 
     # ------------------------------------------------------------------ planning, weights
     def nominal_records(self, B: int, T: int) -> list[RouterRecord]:
@@ -83,8 +112,24 @@ class FullRecursion(Router):
 
     needs_cycle = False
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, budget: dict | None = None) -> None:
         """Args:
             cfg: the model configuration (given by the model).
+            budget: a budget head (model/budget.py) setting the Mixture-of-Depths capacity per sequence
+                (needs model.config.mod_capacity > 0; the budget unit is the MoD capacity).
         """
         super().__init__(cfg)
+        if budget is not None and cfg.mod_capacity <= 0:
+            raise ConfigError("model.router.init_args.budget on FullRecursion sets the Mixture-of-Depths capacity: "
+                              "set model.config.mod_capacity > 0 (or use ExpertChoiceRouter for a depth budget)")
+        self.mod_capacity = cfg.mod_capacity
+        self.budget_head = self._budget_head(cfg, budget)
+
+    def budget_compute(self, scale: torch.Tensor) -> torch.Tensor:
+        """The MoD capacity min(1, s * mod_capacity)."""
+        if self.budget_head is None:
+            return super().budget_compute(scale)
+        return (self.mod_capacity * scale).clamp(max=1.0)
+
+    def stream_readers(self) -> list[nn.Linear]:
+        return [self.budget_head.net[0]] if self.budget_head is not None else []

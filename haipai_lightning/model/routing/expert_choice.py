@@ -12,7 +12,7 @@ from torch import nn
 
 from haipai_lightning.config import ConfigError, ModelConfig
 from haipai_lightning.model.routing.base import Router, RunFn
-from haipai_lightning.model.routing.gate import TopKGate, capacity_k
+from haipai_lightning.model.routing.gate import TopKGate, capacity_k, capacity_k_rows
 from haipai_lightning.model.routing.losses import z_loss
 from haipai_lightning.model.routing.record import RouterRecord
 from haipai_lightning.model.routing.selection import Selection, spaced_mask
@@ -37,6 +37,7 @@ class ExpertChoiceRouter(Router):
         capacity_warmup_steps: int = 0,
         z_loss_weight: float = 0.0,
         inference: Literal["threshold", "topk"] = "threshold",
+        budget: dict | None = None,
     ) -> None:
         """Args:
             cfg: the model configuration (given by the model).
@@ -48,6 +49,8 @@ class ExpertChoiceRouter(Router):
             capacity_warmup_steps: anneal capacities from 1 to their targets over this many training steps.
             z_loss_weight: router z-loss weight (0 = off).
             inference: routing outside training: "threshold" (causal) or "topk" (looks ahead; for analysis).
+            budget: a budget head (model/budget.py BudgetHead arguments, e.g. {prefix_len: 16, target: 2.0}):
+                per-sequence compute scales the capacities below 1; the budget unit is the mean recursion depth.
         """
         super().__init__(cfg)
         nr = cfg.n_recursions
@@ -64,7 +67,8 @@ class ExpertChoiceRouter(Router):
         self.capacities, self.alpha, self.gating = caps, alpha, gating
         self.aux_loss_weight, self.z_loss_weight = aux_loss_weight, z_loss_weight
         self.capacity_warmup_steps, self.inference = capacity_warmup_steps, inference
-        self.gates = nn.ModuleList(TopKGate(cfg.d_model, aux_router) for _ in range(nr))
+        self.budget_head = self._budget_head(cfg, budget)
+        self.gates = nn.ModuleList(TopKGate(cfg.d_model, aux_router, budget is not None) for _ in range(nr))
         self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))  # for the warm-up; resumes
 
     def capacity(self, r: int) -> float:
@@ -75,17 +79,28 @@ class ExpertChoiceRouter(Router):
         return c
 
     def step(self, r: int, h: torch.Tensor, run: RunFn, state: dict, records: list[RouterRecord]) -> torch.Tensor:
+        """Test-time depth (r >= Nr): an extra step is routed like the last trained step, by its gate and
+        capacity among the tokens still active, so a token recurses on only while that gate keeps choosing
+        it (hierarchical: the extra compute goes to the deepest tokens; top-k in training mode)."""
         B, T, _ = h.shape
         if r == 0 and self.training:
             self.steps_seen += 1
+        g = min(r, self.n_recursions - 1)  # the gate / capacity of this step
+        cap = self.capacity(g)
         cand: Selection = state.get("ec_sel", Selection.full(T))  # tokens active after step r-1
         x_cand = cand.gather(h)  # (B, n, D)
         n_active = T if cand.is_full else int(cand.count().max())
-        k = min(capacity_k(self.capacity(r), T), n_active)
+        k: int | torch.Tensor = min(capacity_k(cap, T), n_active)
+        scale = state.get("budget_scale")  # (B, T) per-token compute scale (model/budget.py) or None
+        cand_scale = None
+        if scale is not None and cap < 1:  # a per-sequence budget scales the capacity of this row
+            row_k = capacity_k_rows((cap * scale[:, -1]).clamp(max=1.0), T)
+            k = torch.minimum(row_k, cand.count() if not cand.is_full else torch.full_like(row_k, T))
+            cand_scale = cand.gather(scale[..., None]).squeeze(-1)  # (B, n)
         # capacity 1 keeps every candidate in training, so inference keeps them all too (no guess)
-        use_thr = not self.training and self.inference == "threshold" and self.capacity(r) < 1
-        local, logits, aux, metrics = self.gates[r].decide(x_cand, cand, k, use_thr)
-        if self.capacity(r) >= 1:
+        use_thr = not self.training and self.inference == "threshold" and cap < 1
+        local, logits, aux, metrics = self.gates[g].decide(x_cand, cand, k, use_thr, scale=cand_scale)
+        if cap >= 1:
             metrics.pop("sampling_acc")  # nothing is routed at this step
         sel = cand.sub(local)
         state["ec_sel"] = sel
@@ -97,7 +112,7 @@ class ExpertChoiceRouter(Router):
         if self.z_loss_weight > 0 and self.training:
             aux["z_loss"] = z_loss(logits[..., None])  # logsumexp over one logit = the logit
         weights = {"bce": self.aux_loss_weight, "z_loss": self.z_loss_weight}
-        metrics["capacity"] = torch.tensor(self.capacity(r))
+        metrics["capacity"] = torch.tensor(cap)
         scores = torch.zeros(B, T, device=h.device)
         if not cand.is_full:
             scores = cand.scatter(scores[..., None], torch.sigmoid(logits.detach())[..., None]).squeeze(-1)
@@ -106,6 +121,10 @@ class ExpertChoiceRouter(Router):
         records.append(RouterRecord("depth", "expert_choice", scores, sel.mask(B, h.device), aux, weights, metrics,
                                     step=r))
         return h
+
+    def budget_compute(self, scale: torch.Tensor) -> torch.Tensor:
+        """Nominal mean recursion depth at compute scale s (B,): steps below capacity 1 keep min(1, s * c_r)."""
+        return sum((torch.ones_like(scale) if c >= 1 else (c * scale).clamp(max=1.0)) for c in self.capacities)
 
     def every_token_at_first_step(self) -> bool:
         return self.capacities[0] >= 1
@@ -139,4 +158,5 @@ class ExpertChoiceRouter(Router):
         return out
 
     def stream_readers(self) -> list[nn.Linear]:
-        return [lin for g in self.gates for lin in g.stream_readers()]
+        head = [self.budget_head.net[0]] if self.budget_head is not None else []
+        return [lin for g in self.gates for lin in g.stream_readers()] + head

@@ -86,6 +86,19 @@ def select_topk(scores: torch.Tensor, k: int, T: int) -> Selection:
     return Selection(idx, None, T)
 
 
+def select_topk_rows(scores: torch.Tensor, k: torch.Tensor, T: int) -> Selection:
+    """scores (B, n) -> the k[b] best of row b (k (B,) long), ascending, padded to the largest k.
+
+    A per-sequence capacity (budget-aware routing, model/budget.py): one topk at the largest k,
+    ranks beyond a row's own k become pads (position T, sorted last)."""
+    kmax = int(k.max())
+    top = scores.topk(kmax, dim=1, sorted=True).indices  # (B, kmax) best first
+    keep = torch.arange(kmax, device=scores.device)[None] < k[:, None]
+    idx = torch.where(keep, top, torch.full_like(top, T)).sort(dim=1).values  # pads (T) go last
+    valid = torch.arange(kmax, device=scores.device)[None] < k[:, None]
+    return Selection(idx, None if bool(valid.all()) else valid, T)
+
+
 def select_mask(mask: torch.Tensor) -> Selection:
     """mask (B, n) bool -> the True entries of each row, ascending, padded to the batch's largest count.
 

@@ -74,7 +74,9 @@ class TokenChoiceRouter(Router):
             state.update(tc_depth=depth, tc_gate=gate)
             self._record(depth, logits, records)
         depth, gate = state["tc_depth"], state["tc_gate"]
-        sel = select_mask(depth >= r)  # tokens whose depth reaches step r
+        # tokens whose depth reaches step r; test-time extra steps (r >= Nr) run the tokens that chose the
+        # deepest depth: the router's own "needs the most compute", and its weighted gate stays theirs
+        sel = select_mask(depth >= min(r, self.nr - 1))
         if sel.idx is not None and sel.idx.size(1) == 0:
             return h
         x = sel.gather(h)
