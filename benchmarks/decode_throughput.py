@@ -1,7 +1,7 @@
 """Decode throughput: Haipai vanilla and MoR (trained routers, continuous depth-wise batching) vs transformers.
 
-Arms, all at the same shape (d=384, 14 layers, 6 query / 3 KV heads, SwiGLU 1024, vocab 4096, untied
-nothing: the head is tied to the embedding in both), timed in alternation in one run:
+Arms, all at the same shape (d=384, 14 layers, 6 query / 3 KV heads, SwiGLU 1024, vocab 4096, the head
+tied to the embedding in both libraries), timed in alternation in one run:
 
 - `transformers`: Hugging Face `LlamaForCausalLM.generate` (greedy, its own KV cache) -- the peer;
 - `vanilla`: Haipai's `generate` on a 14-layer dense stack (the `StaticDecoder` fast path: static KV
@@ -23,7 +23,9 @@ The machine's read bandwidth is measured in the same run (a 256 MiB fp32 buffer 
 and by a GEMV; the faster counts), and `batch1_fraction_of_bandwidth_bound` = weight bytes read per
 token x vanilla's batch-1 tokens/s / that bandwidth.
 
-    python benchmarks/decode_throughput.py [--quick] [--threads 1] [--json out.json]
+    python benchmarks/decode_throughput.py [--quick] [--threads 1] [--cpu_time] [--profile] [--json out.json]
+
+--cpu_time times CPU seconds of this process (use with --threads 1 on a machine shared by other jobs).
 """
 
 from __future__ import annotations
