@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from datamodules.corpus import fingerprint, load_documents
 from datamodules.packed import PackedDataset, replace_atomically
-from datamodules.curriculum import build_stages, check_curriculum_args, curriculum_data
+from datamodules.curriculum import build_stages, check_curriculum_args, curriculum_data, warmup_data
 from datamodules.tokenizer import eos_id, id_space, load_tokenizer, train_tokenizer
 from haipai_lightning.config import ConfigError
 
@@ -127,6 +127,11 @@ class TextDataModule(L.LightningDataModule):
         curriculum_cumulative: Stage s trains on buckets 0..s (the last stage is all the data);
             False: on bucket s alone.
         curriculum_reference: Checkpoint whose loss scores the documents (``reference_loss``).
+            Also ``compression`` (zlib ratio), ``mtld`` (lexical diversity) and ``flesch`` (minus the
+            reading ease): the measures of arXiv 2506.11300 (datamodules/difficulty.py).
+        curriculum_pacing: ``stages`` (with callbacks.CurriculumSwitch) or ``warmup``: easy-to-hard
+            for the first ``curriculum_warmup`` fraction of the steps, then uniform random sampling.
+        curriculum_warmup: Fraction of the optimizer steps of the warm-up (``warmup`` pacing).
     """
 
     def __init__(
@@ -146,6 +151,8 @@ class TextDataModule(L.LightningDataModule):
         curriculum_stages: int = 3,
         curriculum_cumulative: bool = True,
         curriculum_reference: str | None = None,
+        curriculum_pacing: str = "stages",
+        curriculum_warmup: float = 0.25,
     ):
         super().__init__()
         # Fail at construction, before minutes of preprocessing, naming the config field.
@@ -175,6 +182,7 @@ class TextDataModule(L.LightningDataModule):
         self.curriculum, self.curriculum_stages = curriculum, curriculum_stages
         self.curriculum_cumulative, self.curriculum_reference = curriculum_cumulative, curriculum_reference
         self.curriculum_schedule = None  # (epoch, step) -> stage
+        self.curriculum_pacing, self.curriculum_warmup = curriculum_pacing, curriculum_warmup
         check_curriculum_args(self)
 
     # ----------------------------------------------------------------- cache
@@ -274,6 +282,8 @@ class TextDataModule(L.LightningDataModule):
         ds = self.datasets[split]
         if train and self.curriculum_schedule is not None:
             ds, sampler = curriculum_data(self)  # the stages, each position drawn from the stage in force
+        elif train and self.curriculum and self.curriculum_pacing == "warmup":
+            ds, sampler = warmup_data(self)  # easiest first for the warm-up steps, then uniform
         else:
             sampler = EpochSeededSampler(ds, self.seed, *self._resume_at()) if train else None
         return DataLoader(
