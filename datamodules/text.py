@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from datamodules.corpus import fingerprint, load_documents
 from datamodules.packed import PackedDataset, replace_atomically
+from datamodules.lmlm import MARKERS, LMLMPackedDataset, check_tokenizer
 from datamodules.curriculum import build_stages, check_curriculum_args, curriculum_data, warmup_data
 from datamodules.tokenizer import eos_id, id_space, load_tokenizer, train_tokenizer
 from haipai_lightning.config import ConfigError
@@ -132,6 +133,9 @@ class TextDataModule(L.LightningDataModule):
         curriculum_pacing: ``stages`` (with callbacks.CurriculumSwitch) or ``warmup``: easy-to-hard
             for the first ``curriculum_warmup`` fraction of the steps, then uniform random sampling.
         curriculum_warmup: Fraction of the optimizer steps of the warm-up (``warmup`` pacing).
+        lmlm: The text carries LMLM lookup calls (datamodules/lmlm.py, arXiv 2505.15962): the
+            tokenizer gets the four markers as special tokens and the looked-up values are masked
+            out of the loss (labels -100), train and val.
     """
 
     def __init__(
@@ -153,6 +157,7 @@ class TextDataModule(L.LightningDataModule):
         curriculum_reference: str | None = None,
         curriculum_pacing: str = "stages",
         curriculum_warmup: float = 0.25,
+        lmlm: bool = False,
     ):
         super().__init__()
         # Fail at construction, before minutes of preprocessing, naming the config field.
@@ -183,6 +188,7 @@ class TextDataModule(L.LightningDataModule):
         self.curriculum_cumulative, self.curriculum_reference = curriculum_cumulative, curriculum_reference
         self.curriculum_schedule = None  # (epoch, step) -> stage
         self.curriculum_pacing, self.curriculum_warmup = curriculum_pacing, curriculum_warmup
+        self.lmlm = lmlm
         check_curriculum_args(self)
 
     # ----------------------------------------------------------------- cache
@@ -205,6 +211,7 @@ class TextDataModule(L.LightningDataModule):
             "val_fraction": self.val_fraction,
             "seed": self.seed,
             "max_documents": self.max_documents,
+            **({"lmlm": True} if self.lmlm else {}),  # other tokenizer (markers); absent: old caches stay valid
         }
         digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
         name = re.sub(r"[^A-Za-z0-9]+", "-", Path(self.source).name or self.source).strip("-")[:24]
@@ -232,7 +239,9 @@ class TextDataModule(L.LightningDataModule):
         elif self.tokenizer_path:
             tok = load_tokenizer(self.tokenizer_path)
         else:  # train split only, so validation text is truly unseen
-            tok = train_tokenizer((docs[i] for i in idx["train"]), self.vocab_size)
+            tok = train_tokenizer((docs[i] for i in idx["train"]), self.vocab_size, MARKERS if self.lmlm else ())
+        if self.lmlm:
+            tok.add_special_tokens(list(MARKERS))  # a no-op for a tokenizer trained with them
         tok.no_truncation()  # a user tokenizer.json may truncate/pad; we want every token
         tok.no_padding()
         replace_atomically(tok_file, lambda f: f.write(tok.to_str().encode()))
@@ -260,6 +269,10 @@ class TextDataModule(L.LightningDataModule):
         self.vocab_size_actual = int(meta["vocab_size"])
         self.unigram_entropy = float(meta["unigram_entropy"])
         self.datasets = {split: PackedDataset(out / f"{split}.npy", self.seq_len) for split in SPLITS}
+        if self.lmlm:  # looked-up values masked out of the loss
+            ids = check_tokenizer(self.tokenizer)
+            self.datasets = {split: LMLMPackedDataset(out / f"{split}.npy", self.seq_len, ids[MARKERS[2]],
+                                                      ids[MARKERS[3]]) for split in SPLITS}
         for split, ds in self.datasets.items():
             n = len(ds.tokens)
             if n < self.seq_len + 1:

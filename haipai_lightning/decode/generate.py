@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import torch
 
+from haipai_lightning.decode.hooks import Forcing, TokenHook
 from haipai_lightning.decode.sampling import SamplingConfig, sample_next
 from haipai_lightning.model.decoder import HaipaiModel
 
 
 @torch.no_grad()
-def generate(model: HaipaiModel, input_ids: torch.Tensor, s: SamplingConfig) -> torch.Tensor:
-    """input_ids (B, T) -> (B, T + new): one prefill, then one cached step per new token."""
+def generate(model: HaipaiModel, input_ids: torch.Tensor, s: SamplingConfig, hook: TokenHook | None = None) -> torch.Tensor:
+    """input_ids (B, T) -> (B, T + new): one prefill, then one cached step per new token.
+
+    `hook` (decode/hooks.py) may force tokens after any token, e.g. the LMLM fact lookup."""
     model.eval()
     total = input_ids.size(1) + s.max_new_tokens
     if total > model.cfg.max_seq_len:
@@ -24,8 +27,18 @@ def generate(model: HaipaiModel, input_ids: torch.Tensor, s: SamplingConfig) -> 
     cache = model.new_cache(total)
     logits = model(input_ids, cache=cache).logits[:, -1]
     out = [input_ids]
+    if hook is not None:
+        forcing = [Forcing(hook) for _ in range(input_ids.size(0))]
+        prompts, made = input_ids.tolist(), [[] for _ in forcing]
+        for f, p in zip(forcing, prompts):  # the prompt itself may end in a call
+            f.after(p, [])
     for _ in range(s.max_new_tokens):
         nxt = sample_next(logits.float(), s, gen)[:, None]  # (B, 1)
+        if hook is not None:  # forced tokens replace the sampled ones
+            nxt = torch.tensor([[f.take(t)] for f, t in zip(forcing, nxt[:, 0].tolist())], device=nxt.device)
+            for f, p, m, t in zip(forcing, prompts, made, nxt[:, 0].tolist()):
+                m.append(t)
+                f.after(p, m)
         out.append(nxt)
         logits = model(nxt, cache=cache).logits[:, -1]
     return torch.cat(out, dim=1)
