@@ -58,7 +58,7 @@ def train(dm: TextDataModule, cfg: ModelConfig, steps: int, seed: int = 0) -> tu
     return model.eval(), time.perf_counter() - t0
 
 
-def answers(model: HaipaiModel, tok, prompts: list[str], hook=None, new_tokens: int = 16) -> list[str]:
+def answers(model: HaipaiModel, tok, prompts: list[str], hook=None, new_tokens: int = 24) -> list[str]:
     """Greedy continuations as a reader sees them; prompts batched by token length."""
     ids = [tok.encode(p).ids for p in prompts]
     out: list[str] = [""] * len(prompts)

@@ -22,6 +22,7 @@ def generate_command(
     depth_budget: float | None = None,
     speculative: int = 0,
     draft_depth: int = 1,
+    lookup: str | None = None,
 ) -> list[str]:
     """Sample text from a trained checkpoint (KV-cached; MoR models route causally).
 
@@ -39,6 +40,8 @@ def generate_command(
         depth_budget: cap on the mean recursion depth of the generated tokens (1..Nr; engine).
         speculative: greedy speculative decoding with this many drafted tokens per round (0 = off).
         draft_depth: recursion steps of the draft (the same model stopped early).
+        lookup: an LMLM fact store (SQLite, decode/lookup.py): lookup calls the model writes get their value
+            from it; the text shows each call as its value.
     """
     import torch
 
@@ -68,6 +71,13 @@ def generate_command(
         raise ConfigError(f"--draft_depth {draft_depth} must be in [1, {nr - 1}]: the draft stops before the model's "
                           f"n_recursions={nr} steps" + (" (this model has one step: nothing to draft with)" if nr < 2 else ""))
     eos = tok.token_to_id("<|endoftext|>") or 0
+    hook = None
+    if lookup is not None:
+        from haipai_lightning.decode.lookup import FactStore, LookupHook, RenderingTokenizer
+
+        if speculative > 0:
+            raise ConfigError("--lookup does not combine with --speculative (drafts would run past a lookup call)")
+        hook, tok = LookupHook(FactStore(lookup), tok), RenderingTokenizer(tok)
     if prompts is not None:
         numbered = _read_prompts(prompts)
     else:
@@ -90,12 +100,12 @@ def generate_command(
               f"acceptance {stats['acceptance']:.2f}]", file=sys.stderr)
         return texts
     if prompts is None and depth_budget is None:
-        texts = [tok.decode(generate(model, torch.tensor([encoded[0]]), sampling)[0].tolist())]
+        texts = [tok.decode(generate(model, torch.tensor([encoded[0]]), sampling, hook=hook)[0].tolist())]
         print(texts[0])
         return texts
     engine = Engine(model, max_batch=batch_size, max_len=model.cfg.max_seq_len)
     reqs = [engine.submit(Request(ids, max_new_tokens, SamplingConfig(
-        max_new_tokens, temperature, top_k, top_p, None if seed is None else seed + i), depth_budget))
+        max_new_tokens, temperature, top_k, top_p, None if seed is None else seed + i), depth_budget, hook=hook))
         for i, ids in enumerate(encoded)]
     engine.run()
     texts = [tok.decode(r.prompt + r.output) for r in reqs]

@@ -14,6 +14,7 @@ safe under concurrent readers (haipai serve) and survive crashes; nothing here r
 from __future__ import annotations
 
 import sqlite3
+from collections import deque
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -77,7 +78,7 @@ class LookupHook:
         ids = check_tokenizer(tokenizer)
         self.entity_id, self.relation_id = ids[ENTITY], ids[RELATION]
         self.return_id, self.end_id = ids[RETURN], ids[END]
-        self.calls: list[Fact] = []
+        self.calls: deque[Fact] = deque(maxlen=10_000)  # the latest lookups (bounded: a server runs for long)
 
     def __call__(self, prompt: Sequence[int], generated: Sequence[int]) -> list[int]:
         last = generated[-1] if generated else (prompt[-1] if prompt else None)
@@ -97,9 +98,25 @@ class LookupHook:
 
 
 def readable(tokenizer, ids: Sequence[int]) -> str:
-    """Generated ids as a reader sees them: calls replaced by their values, other special tokens dropped."""
-    text = tokenizer.decode(list(ids), skip_special_tokens=False)
-    text = render(text)
-    for m in MARKERS:  # an unfinished call at the end of a generation
+    """Generated ids as a reader sees them: calls replaced by their values, an unfinished call at the end
+    hidden (so the text of a growing sequence only ever grows: what haipai serve streams), other
+    special tokens dropped."""
+    text = render(tokenizer.decode(list(ids), skip_special_tokens=False))
+    cut = text.rfind(ENTITY)  # complete calls were rendered away: this one is still open
+    text = text if cut < 0 else text[:cut]
+    for m in MARKERS:
         text = text.replace(m, "")
     return text
+
+
+class RenderingTokenizer:
+    """A tokenizer whose decode() is `readable`: what haipai serve --lookup streams to its clients."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tok = tokenizer
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return readable(self.tok, ids)
+
+    def __getattr__(self, name: str):  # encode, token_to_id, ...: the wrapped tokenizer's
+        return getattr(self.tok, name)
