@@ -21,6 +21,7 @@ def reformulate_command(
     fallback_pairs: str | None = None,
     batch_size: int = 8,
     max_new_tokens: int = 256,
+    pair_tokens: int = 64,
     temperature: float = 0.7,
     top_p: float = 0.95,
     seed: int = 0,
@@ -44,6 +45,7 @@ def reformulate_command(
         fallback_pairs: 'genre | audience' lines used when the generator proposes fewer than k pairs.
         batch_size: documents per batch (a crash loses at most one batch).
         max_new_tokens: tokens per rewrite.
+        pair_tokens: tokens of the generator's answer (the k pairs).
         temperature: sampling temperature (0 = greedy).
         top_p: nucleus sampling mass.
         seed: sampling seed.
@@ -55,14 +57,14 @@ def reformulate_command(
     from datamodules.reformulate import ReformulateConfig, reformulate
     from datamodules.reformulate_lm import Decoding, make_lm
 
-    if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
-        raise ConfigError(f"--max_new_tokens {max_new_tokens} must be >= 1, --temperature {temperature} >= 0 and "
-                          f"--top_p {top_p} in (0, 1]")
+    if max_new_tokens < 1 or pair_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
+        raise ConfigError(f"--max_new_tokens {max_new_tokens} and --pair_tokens {pair_tokens} must be >= 1, "
+                          f"--temperature {temperature} >= 0 and --top_p {top_p} in (0, 1]")
     if max_documents is not None and max_documents < 1:
         raise ConfigError(f"--max_documents {max_documents} must be >= 1 (or null: all)")
     paths = {n: v for n, v in (("pairs_prompt", pairs_prompt), ("rewrite_prompt", rewrite_prompt),
                                ("fallback_pairs", fallback_pairs)) if v is not None}
-    cfg = ReformulateConfig(k=k, batch_size=batch_size, max_document_chars=max_document_chars,
+    cfg = ReformulateConfig(k=k, batch_size=batch_size, max_document_chars=max_document_chars, pair_tokens=pair_tokens,
                             decoding=Decoding(max_new_tokens, temperature, top_p, seed), **paths)
     lm = make_lm(backend, model, base_url, api_key_env)
     index = reformulate(source, out, lm, cfg, text_field=text_field, max_documents=max_documents, overwrite=overwrite,
