@@ -44,6 +44,8 @@ class Curve(L.Callback):
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--only", default=None,
+                   help="comma-separated curricula to run beside none (e.g. compression,mtld,flesch)")
     args = p.parse_args()
     torch.set_num_threads(2)
     d, seq, batch = (96, 64, 8) if args.quick else (128, 128, 16)
@@ -52,6 +54,9 @@ def main() -> None:
     rows, curves = [], {}
     runs = [(None, "stages"), ("length", "stages"), ("rare_words", "stages"),
             ("compression", "warmup"), ("mtld", "warmup"), ("flesch", "warmup")]
+    if args.only:
+        keep = set(args.only.split(","))
+        runs = [r for r in runs if r[0] is None or r[0] in keep]
     for kind, pacing in runs:
         dm = TextDataModule(source="kjv", seq_len=seq, batch_size=batch, vocab_size=4096, curriculum=kind,
                             curriculum_pacing=pacing, curriculum_warmup=0.3)

@@ -206,6 +206,9 @@ def check_curriculum_args(dm) -> None:
         return
     if dm.curriculum not in SCORES:
         raise ConfigError(f"data.curriculum={dm.curriculum!r} is unknown; use one of {', '.join(SCORES)} (or null)")
+    if getattr(dm, "lmlm", False):  # the stage arrays are plain PackedDatasets: the values would be learned
+        raise ConfigError("data.curriculum does not combine with data.lmlm yet (the stages would not mask the looked-up "
+                          "values); use one of them")
     if dm.curriculum_pacing not in PACINGS:
         raise ConfigError(f"data.curriculum_pacing={dm.curriculum_pacing!r} is unknown; use stages or warmup")
     if dm.curriculum_pacing == "warmup" and not 0 < dm.curriculum_warmup < 1:

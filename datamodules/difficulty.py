@@ -70,6 +70,7 @@ def _hyphenator():
     return pyphen.Pyphen(lang="en_US")
 
 
+@functools.lru_cache(maxsize=1 << 16)  # a corpus repeats its words: hyphenate each once
 def syllables(word: str) -> int:
     return len(_hyphenator().positions(word)) + 1
 

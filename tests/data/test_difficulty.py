@@ -87,7 +87,8 @@ def test_data_module_warmup_pacing(tmp_path):
 @pytest.mark.parametrize("kw, field", [({"curriculum": "mtl"}, "data.curriculum="),
                                        ({"curriculum": "mtld", "curriculum_pacing": "fast"}, "curriculum_pacing"),
                                        ({"curriculum": "mtld", "curriculum_pacing": "warmup", "curriculum_warmup": 1.5},
-                                        "curriculum_warmup")])
+                                        "curriculum_warmup"),
+                                       ({"curriculum": "mtld", "lmlm": True}, "data.lmlm")])
 def test_bad_pacing_names_the_field(kw, field):
     with pytest.raises(ConfigError, match=field):
         TextDataModule(**DATA, **kw)
