@@ -195,10 +195,10 @@ def test_output_mixes_with_the_original_at_a_weight(source, tmp_path):
 
     out = tmp_path / "mga.jsonl"
     reformulate(source, out, StubLM(), ReformulateConfig(k=3))
-    orig, mga = tmp_path / "orig", tmp_path / "mga"
-    prepare(source="kjv", out=str(orig), vocab_size=300, max_documents=20, val_fraction=0.1, workers=1)
+    orig, mga = tmp_path / "orig", tmp_path / "mga"  # the original documents and their rewrites, one tokenizer
+    prepare(source=source, out=str(orig), vocab_size=300, val_fraction=0.0, workers=1)
     prepare(source=str(out), out=str(mga), tokenizer=str(orig / "tokenizer.json"), val_fraction=0.0, workers=1)
-    m = StreamingDataModule([str(orig), str(mga)], weights=[0.75, 0.25], seq_len=8, batch_size=4)
+    m = StreamingDataModule([str(orig), str(mga)], weights=[0.75, 0.25], seq_len=4, batch_size=2, val_fraction=0.2)
     m.setup("fit")
     d, _ = m.train_stream().draws(np.arange(8000))
     assert abs(np.mean(d == 1) - 0.25) < 0.02
