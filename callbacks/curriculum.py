@@ -90,6 +90,9 @@ class CurriculumSwitch(Curriculum):
         if dm is None or not getattr(dm, "curriculum", None):
             raise ConfigError("callbacks.CurriculumSwitch needs a data module with a curriculum: set data.curriculum "
                               "(length, rare_words or reference_loss) on datamodules.TextDataModule")
+        if getattr(dm, "curriculum_pacing", "stages") != "stages":
+            raise ConfigError(f"callbacks.CurriculumSwitch needs data.curriculum_pacing=stages, not "
+                              f"{dm.curriculum_pacing!r} (warmup paces itself: drop the callback)")
         self._check_stages(dm.curriculum_stages, f"data.curriculum_stages={dm.curriculum_stages}")
         dm.curriculum_schedule = self.stage_at
         trainer.reload_dataloaders_every_n_epochs = 1

@@ -8,11 +8,18 @@ first. A document's difficulty is one of
                     frequent tokens that together make `head_mass` (90%) of the training tokens
                     (unigram statistics of the train split; BPE tokens, not whitespace words)
     reference_loss  its mean next-token loss under a reference checkpoint (`reference`)
+    compression     zlib-compressed / raw bytes of its text (datamodules/difficulty.py)
+    mtld            its lexical diversity, MTLD (McCarthy & Jarvis 2010)
+    flesch          minus its Flesch reading ease
 
-Documents are sorted by score and cut into `n_stages` buckets of about equal token mass.
-Stage s trains on buckets 0..s (`cumulative`, so the last stage is the whole corpus) or on
-bucket s alone. The stage in force comes from a schedule (callbacks.CurriculumSwitch), read
-by `CurriculumSampler` as it draws each position, so an exact resume sees the same stages.
+The last three are the measures arXiv 2506.11300 finds most useful. Pacing (`data.curriculum_pacing`):
+
+  stages   (default) documents are sorted by score and cut into `n_stages` buckets of about equal token mass.
+           Stage s trains on buckets 0..s (`cumulative`, so the last stage is the whole corpus) or on
+           bucket s alone. The stage in force comes from a schedule (callbacks.CurriculumSwitch), read
+           by `CurriculumSampler` as it draws each position, so an exact resume sees the same stages.
+  warmup   the paper's best use (its section 4.3): easy-to-hard for the first `curriculum_warmup` fraction
+           of the optimizer steps, then uniform random sampling (`WarmupSampler`); no callback needed.
 """
 
 from __future__ import annotations
@@ -26,7 +33,10 @@ from torch.utils.data import Sampler
 from datamodules.packed import PackedDataset, replace_atomically
 from haipai_lightning.config import ConfigError
 
-SCORES = ("length", "rare_words", "reference_loss")
+from datamodules.difficulty import MEASURES, text_scores
+
+SCORES = ("length", "rare_words", "reference_loss", *MEASURES)
+PACINGS = ("stages", "warmup")
 
 
 def document_bounds(tokens: np.ndarray, eos: int) -> np.ndarray:
@@ -83,7 +93,14 @@ def reference_loss(tokens: np.ndarray, bounds: np.ndarray, ckpt_path: str, windo
 
 
 def score_documents(kind: str, tokens: np.ndarray, bounds: np.ndarray, vocab_size: int,
-                    reference: str | None = None) -> np.ndarray:
+                    reference: str | None = None, decode: Callable[[list[list[int]]], list[str]] | None = None
+                    ) -> np.ndarray:
+    """(n_docs,) difficulty; the text measures decode each document with `decode` (a batch decoder)."""
+    if kind in MEASURES:
+        if decode is None:
+            raise ValueError(f"curriculum score {kind!r} reads the documents' text: pass decode=tokenizer.decode_batch")
+        texts = decode([np.asarray(tokens[s:e], dtype=np.int64).tolist() for s, e in bounds])
+        return text_scores(kind, texts)
     if kind == "length":
         return (bounds[:, 1] - bounds[:, 0]).astype(np.float64)
     if kind == "rare_words":
@@ -150,6 +167,38 @@ class CurriculumSampler(Sampler[int]):
             yield self.offsets[s] + idx
 
 
+class WarmupSampler(Sampler[int]):
+    """Easy-to-hard warm-up, then uniform random sampling (arXiv 2506.11300, section 4.3).
+
+    The dataset's blocks are ordered easiest first (documents sorted by score). Position g of
+    training (g = optimizer step x positions per step + index in the step) takes, during the first
+    `warmup_steps` steps, block floor(g * N / (warmup_steps * per_step)): one sweep from the easiest
+    to the hardest block, so every warm-up batch is at least as hard as the one before. Afterwards
+    positions are the epoch's seeded permutation of all N blocks (uniform random sampling). A pure
+    function of (seed, epoch, step), so a resume (which skips `skip` positions once) is exact.
+    """
+
+    def __init__(self, n_blocks: int, seed: int, warmup_steps: int, first_step: Callable[[], int], per_step: int,
+                 epoch: int = 0, skip: int = 0) -> None:
+        self.n, self.seed, self.warmup_steps, self.first_step, self.per_step = n_blocks, seed, warmup_steps, first_step, per_step
+        self.epoch, self.skip = epoch, skip
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        skip, self.skip = self.skip, 0
+        g0 = self.first_step() * self.per_step  # the global position of the first yielded index
+        span = max(1, self.warmup_steps * self.per_step)
+        for i in range(skip, self.n):
+            g = g0 + i - skip
+            yield min(g * self.n // span, self.n - 1) if g < span else perm[i]
+
+
 # ------------------------------------------------------------- TextDataModule's side
 def check_curriculum_args(dm) -> None:
     """Fail at construction, naming the field."""
@@ -157,6 +206,14 @@ def check_curriculum_args(dm) -> None:
         return
     if dm.curriculum not in SCORES:
         raise ConfigError(f"data.curriculum={dm.curriculum!r} is unknown; use one of {', '.join(SCORES)} (or null)")
+    if getattr(dm, "lmlm", False):  # the stage arrays are plain PackedDatasets: the values would be learned
+        raise ConfigError("data.curriculum does not combine with data.lmlm yet (the stages would not mask the looked-up "
+                          "values); use one of them")
+    if dm.curriculum_pacing not in PACINGS:
+        raise ConfigError(f"data.curriculum_pacing={dm.curriculum_pacing!r} is unknown; use stages or warmup")
+    if dm.curriculum_pacing == "warmup" and not 0 < dm.curriculum_warmup < 1:
+        raise ConfigError(f"data.curriculum_warmup={dm.curriculum_warmup} must be in (0, 1): the fraction of the "
+                          "optimizer steps trained easy-to-hard before uniform random sampling")
     if dm.curriculum_stages < 1:
         raise ConfigError(f"data.curriculum_stages={dm.curriculum_stages} must be >= 1")
     if dm.curriculum == "reference_loss" and not dm.curriculum_reference:
@@ -172,15 +229,17 @@ def build_stages(dm, out, meta: dict) -> None:
     if dm.curriculum == "reference_loss":
         with open(dm.curriculum_reference, "rb") as f:
             ref_sha = hashlib.sha256(f.read()).hexdigest()[:16]
-    key = f"curriculum-{dm.curriculum}-{dm.curriculum_stages}-{'cum' if dm.curriculum_cumulative else 'dis'}"
+    n_stages = 1 if dm.curriculum_pacing == "warmup" else dm.curriculum_stages  # warmup: one array, easiest first
+    key = f"curriculum-{dm.curriculum}-{n_stages}-{'cum' if dm.curriculum_cumulative else 'dis'}"
     d = out / (key + (f"-{ref_sha}" if ref_sha else ""))
     d.mkdir(exist_ok=True)
     tokens = np.load(out / "train.npy", mmap_mode="r")
     bounds = document_bounds(tokens, int(meta["eos_token_id"]))
     if not (d / "stages.json").exists():
-        scores = score_documents(dm.curriculum, tokens, bounds, int(meta["vocab_size"]), dm.curriculum_reference)
+        scores = score_documents(dm.curriculum, tokens, bounds, int(meta["vocab_size"]), dm.curriculum_reference,
+                                 decode=lambda ids: dm.tokenizer.decode_batch(ids, skip_special_tokens=True))
         lengths = bounds[:, 1] - bounds[:, 0]
-        docs = stage_documents(scores, lengths, dm.curriculum_stages, dm.curriculum_cumulative)
+        docs = stage_documents(scores, lengths, n_stages, dm.curriculum_cumulative)
         for s, ids in enumerate(docs):
             arr = stage_tokens(tokens, bounds, ids)
             replace_atomically(d / f"stage{s}.npy", lambda f, a=arr: np.save(f, a))
@@ -190,7 +249,7 @@ def build_stages(dm, out, meta: dict) -> None:
     dm.doc_scores = np.asarray(info["scores"])  # (n_docs,) difficulty of each train document
     dm.stage_docs = [np.asarray(ids) for ids in info["stages"]]  # document ids of each stage
     dm.doc_bounds = bounds
-    for s in range(dm.curriculum_stages):
+    for s in range(n_stages):
         ds = PackedDataset(d / f"stage{s}.npy", dm.seq_len)
         if len(ds) < dm.batch_size:
             raise ConfigError(
@@ -198,6 +257,20 @@ def build_stages(dm, out, meta: dict) -> None:
                 f"data.batch_size={dm.batch_size}; use fewer data.curriculum_stages or a smaller batch"
             )
         dm.datasets[f"train_stage{s}"] = ds
+
+
+def warmup_data(dm) -> tuple[torch.utils.data.Dataset, WarmupSampler]:
+    """The train documents sorted easiest first and a sampler that warms up on them in order."""
+    ds, trainer = dm.datasets["train_stage0"], dm.trainer
+    resumed = bool(getattr(dm, "_resume", None))
+    epoch, skip = dm._resume_at()
+    if not resumed and trainer is not None:
+        epoch = trainer.current_epoch
+    per_step = dm.batch_size * (trainer.accumulate_grad_batches * trainer.world_size if trainer else 1)
+    total = int(trainer.estimated_stepping_batches) if trainer is not None else len(ds) // per_step
+    warmup = max(1, round(dm.curriculum_warmup * total))
+    return ds, WarmupSampler(len(ds), dm.seed, warmup, (lambda: trainer.global_step) if trainer is not None else (lambda: 0),
+                             per_step, epoch=epoch, skip=skip)
 
 
 def curriculum_data(dm) -> tuple[torch.utils.data.Dataset, CurriculumSampler]:

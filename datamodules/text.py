@@ -33,7 +33,8 @@ from datamodules.multiscale import MultiScaleHook, check_multiscale
 from datamodules.prepare import load_index
 from datamodules.streaming import StreamingDataModule
 from datamodules.packed import PackedDataset, replace_atomically
-from datamodules.curriculum import build_stages, check_curriculum_args, curriculum_data
+from datamodules.lmlm import MARKERS, LMLMPackedDataset, check_tokenizer
+from datamodules.curriculum import build_stages, check_curriculum_args, curriculum_data, warmup_data
 from datamodules.tokenizer import eos_id, id_space, load_tokenizer, train_tokenizer
 from haipai_lightning.config import ConfigError
 
@@ -147,7 +148,8 @@ class TextDataModule(MultiScaleHook, L.LightningDataModule):
         curriculum: Score each training document's difficulty and train easy stages first
             (with ``callbacks.CurriculumSwitch``): ``length``, ``rare_words`` (share of tokens
             outside the corpus's head vocabulary) or ``reference_loss`` (a checkpoint's loss);
-            None = no curriculum.
+            also ``compression`` (zlib ratio), ``mtld`` (lexical diversity) and ``flesch`` (minus the
+            reading ease): the measures of arXiv 2506.11300 (datamodules/difficulty.py). None = no curriculum.
         curriculum_stages: Number of ordered stages (buckets of about equal token mass).
         curriculum_cumulative: Stage s trains on buckets 0..s (the last stage is all the data);
             False: on bucket s alone.
@@ -162,6 +164,12 @@ class TextDataModule(MultiScaleHook, L.LightningDataModule):
             null = every batch at seq_len.
         multiscale_steps: Optimizer steps at which the next length of ``multiscale_lens`` begins (a schedule,
             short to long); null = each batch draws its length at random (seeded; a resume sees the same).
+        curriculum_pacing: ``stages`` (with callbacks.CurriculumSwitch) or ``warmup``: easy-to-hard
+            for the first ``curriculum_warmup`` fraction of the steps, then uniform random sampling.
+        curriculum_warmup: Fraction of the optimizer steps of the warm-up (``warmup`` pacing).
+        lmlm: The text carries LMLM lookup calls (datamodules/lmlm.py, arXiv 2505.15962): the
+            tokenizer gets the four markers as special tokens and the looked-up values are masked
+            out of the loss (labels -100), train and val.
     """
 
     def __init__(
@@ -185,6 +193,9 @@ class TextDataModule(MultiScaleHook, L.LightningDataModule):
         weights: list[float] | None = None,
         multiscale_lens: list[int] | None = None,
         multiscale_steps: list[int] | None = None,
+        curriculum_pacing: str = "stages",
+        curriculum_warmup: float = 0.25,
+        lmlm: bool = False,
     ):
         super().__init__()
         # Fail at construction, before minutes of preprocessing, naming the config field.
@@ -219,8 +230,13 @@ class TextDataModule(MultiScaleHook, L.LightningDataModule):
         self.curriculum_cumulative, self.curriculum_reference = curriculum_cumulative, curriculum_reference
         self.curriculum_schedule = None  # (epoch, step) -> stage
         self.multiscale_lens, self.multiscale_steps = multiscale_lens, multiscale_steps
+        self.curriculum_pacing, self.curriculum_warmup = curriculum_pacing, curriculum_warmup
+        self.lmlm = lmlm
         self.stream: StreamingDataModule | None = None
         if prepared:  # the streaming path; multi-scale stays here (Lightning calls this module's hooks)
+            if lmlm or curriculum_pacing != "stages":
+                raise ConfigError("data.prepared streams packed blocks without LMLM value masks or warm-up pacing: "
+                                  "set data.lmlm false and data.curriculum_pacing stages, or train from data.source")
             self.stream = StreamingDataModule(prepared, weights, seq_len, batch_size, seed, None, num_workers,
                                               vocab_size, curriculum, curriculum_stages, curriculum_cumulative)
             self.vocab_size = self.stream.vocab_size
@@ -247,6 +263,7 @@ class TextDataModule(MultiScaleHook, L.LightningDataModule):
             "val_fraction": self.val_fraction,
             "seed": self.seed,
             "max_documents": self.max_documents,
+            **({"lmlm": True} if self.lmlm else {}),  # other tokenizer (markers); absent: old caches stay valid
         }
         digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
         name = re.sub(r"[^A-Za-z0-9]+", "-", Path(self.source).name or self.source).strip("-")[:24]
@@ -276,7 +293,9 @@ class TextDataModule(MultiScaleHook, L.LightningDataModule):
         elif self.tokenizer_path:
             tok = load_tokenizer(self.tokenizer_path)
         else:  # train split only, so validation text is truly unseen
-            tok = train_tokenizer((docs[i] for i in idx["train"]), self.vocab_size)
+            tok = train_tokenizer((docs[i] for i in idx["train"]), self.vocab_size, MARKERS if self.lmlm else ())
+        if self.lmlm:
+            tok.add_special_tokens(list(MARKERS))  # a no-op for a tokenizer trained with them
         tok.no_truncation()  # a user tokenizer.json may truncate/pad; we want every token
         tok.no_padding()
         replace_atomically(tok_file, lambda f: f.write(tok.to_str().encode()))
@@ -310,6 +329,10 @@ class TextDataModule(MultiScaleHook, L.LightningDataModule):
         self.vocab_size_actual = int(meta["vocab_size"])
         self.unigram_entropy = float(meta["unigram_entropy"])
         self.datasets = {split: PackedDataset(out / f"{split}.npy", self.seq_len) for split in SPLITS}
+        if self.lmlm:  # looked-up values masked out of the loss
+            ids = check_tokenizer(self.tokenizer)
+            self.datasets = {split: LMLMPackedDataset(out / f"{split}.npy", self.seq_len, ids[MARKERS[2]],
+                                                      ids[MARKERS[3]]) for split in SPLITS}
         for split, ds in self.datasets.items():
             n = len(ds.tokens)
             if n < self.seq_len + 1:
@@ -332,6 +355,8 @@ class TextDataModule(MultiScaleHook, L.LightningDataModule):
         ds = self.datasets[split]
         if train and self.curriculum_schedule is not None:
             ds, sampler = curriculum_data(self)  # the stages, each position drawn from the stage in force
+        elif train and self.curriculum and self.curriculum_pacing == "warmup":
+            ds, sampler = warmup_data(self)  # easiest first for the warm-up steps, then uniform
         else:
             sampler = EpochSeededSampler(ds, self.seed, *self._resume_at()) if train else None
         return DataLoader(

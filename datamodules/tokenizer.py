@@ -19,8 +19,10 @@ _EOS_CANDIDATES = [EOS, "</s>", "<|end_of_text|>", "<eos>", "[SEP]"]
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # the byte alphabet + specials, before any merge
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """Train a byte-level BPE with ``vocab_size`` entries (fewer if the corpus runs out of merges)."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int, extra_special: Iterable[str] = ()) -> Tokenizer:
+    """Train a byte-level BPE with ``vocab_size`` entries (fewer if the corpus runs out of merges).
+
+    ``extra_special``: more special tokens (e.g. the LMLM lookup markers), each one id, never merged."""
     if vocab_size < MIN_VOCAB:
         raise ConfigError(f"data.vocab_size={vocab_size} is too small; it must be >= {MIN_VOCAB} (bytes + specials)")
     tok = Tokenizer(models.BPE())
@@ -29,7 +31,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS + [t for t in extra_special if t not in SPECIAL_TOKENS],
         # All 256 bytes up front, so text unseen in training still encodes.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,

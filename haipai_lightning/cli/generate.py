@@ -23,6 +23,7 @@ def generate_command(
     speculative: int = 0,
     draft_depth: int = 1,
     token_budget: int | None = None,
+    lookup: str | None = None,
 ) -> list[str]:
     """Sample text from a trained checkpoint (KV-cached; MoR models route causally).
 
@@ -43,6 +44,8 @@ def generate_command(
         draft_depth: recursion steps of the draft (the same model stopped early).
         token_budget: target length of each continuation, for a model trained with token budgets
             (datamodules.TokenBudgetDataModule): it ends, at the end-of-text token, near this many tokens (engine).
+        lookup: an LMLM fact store (SQLite, decode/lookup.py): lookup calls the model writes get their value
+            from it; the text shows each call as its value.
     """
     import torch
 
@@ -78,6 +81,13 @@ def generate_command(
         why = token_budget_error(token_budget, table, max_new_tokens)
         if why or speculative > 0:
             raise ConfigError(f"--token_budget {token_budget} " + (why or "is not for --speculative decoding"))
+    hook = None
+    if lookup is not None:
+        from haipai_lightning.decode.lookup import FactStore, LookupHook, RenderingTokenizer
+
+        if speculative > 0:
+            raise ConfigError("--lookup does not combine with --speculative (drafts would run past a lookup call)")
+        hook, tok = LookupHook(FactStore(lookup), tok), RenderingTokenizer(tok)
     if prompts is not None:
         numbered = _read_prompts(prompts)
     else:
@@ -104,13 +114,13 @@ def generate_command(
     # (unset: the head chooses from the prompt); the engine caps the depth of the others and honours token budgets
     budgeted = getattr(model.router, "budget_head", None) is not None
     if prompts is None and token_budget is None and (depth_budget is None or budgeted):
-        texts = [tok.decode(generate(model, torch.tensor([encoded[0]]), sampling, budget=depth_budget)[0].tolist())]
+        texts = [tok.decode(generate(model, torch.tensor([encoded[0]]), sampling, budget=depth_budget, hook=hook)[0].tolist())]
         print(texts[0])
         return texts
     engine = Engine(model, max_batch=batch_size, max_len=model.cfg.max_seq_len, budget_tokens=table)
     reqs = [engine.submit(Request(ids, max_new_tokens, SamplingConfig(
         max_new_tokens, temperature, top_k, top_p, None if seed is None else seed + i), depth_budget,
-        eos if token_budget is not None else None, token_budget=token_budget))
+        eos if token_budget is not None else None, token_budget=token_budget, hook=hook))
         for i, ids in enumerate(encoded)]
     engine.run()
     texts = [tok.decode(r.prompt + r.output) for r in reqs]

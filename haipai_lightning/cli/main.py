@@ -12,6 +12,7 @@ from jsonargparse import ArgumentError, ArgumentParser, set_parsing_settings
 
 from haipai_lightning.cli import eval as evaluate
 from haipai_lightning.cli import export, generate, prepare, quantize, serve, visualize
+from haipai_lightning.cli import reformulate
 from haipai_lightning.config import ConfigError
 
 # `haipai fit --help` shows the attribute docstrings of ModelConfig's fields.
@@ -40,6 +41,7 @@ def _subcommands() -> dict[str, Callable[..., Any]]:
         "export": export.export_command,
         "serve": serve.serve_command,
         "prepare": prepare.prepare_command,
+        "reformulate": reformulate.reformulate_command,
     }
 
 

@@ -22,6 +22,7 @@ def serve_command(
     threads: int | None = None,
     log_level: str = "info",
     access_log: bool = False,
+    lookup: str | None = None,
 ) -> None:
     """Serve a trained model over HTTP with the OpenAI completions API (continuous depth-wise batching).
 
@@ -37,6 +38,8 @@ def serve_command(
         threads: torch CPU threads (null = torch's default).
         log_level: uvicorn's log level (critical, error, warning, info, debug, trace).
         access_log: log one line per HTTP request.
+        lookup: an LMLM fact store (SQLite, haipai_lightning/decode/lookup.py): when the model writes a lookup
+            call its value is read from the store and inserted (a model trained with data.lmlm=true).
     """
     if (ckpt_path is None) == (export is None):
         raise ConfigError("pass one of --ckpt_path (a .ckpt) or --export (an export directory)")
@@ -74,8 +77,13 @@ def serve_command(
     source = ckpt_path if ckpt_path is not None else export
     if tok is None:
         raise ConfigError(f"{source!r} holds no tokenizer; it was not trained through a Haipai data module")
+    hook = None
+    if lookup is not None:
+        from haipai_lightning.decode.lookup import FactStore, LookupHook
+
+        hook = LookupHook(FactStore(lookup), tok)  # a tokenizer without the markers: one-line ConfigError
     try:
-        app = build_app(model, tok, model_name or os.fspath(source), max_batch, max_queue)
+        app = build_app(model, tok, model_name or os.fspath(source), max_batch, max_queue, lookup=hook)
     except ValueError as e:  # the engine's requirements (a cycle sharing strategy, a decoding router)
         raise ConfigError(f"{source!r} cannot be served: {e}") from None
     h, p = sock.getsockname()[:2]

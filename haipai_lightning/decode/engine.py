@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from haipai_lightning.model.cache import KVView, LayerKV, RowView
+from haipai_lightning.decode.hooks import Forcing, TokenHook
 from haipai_lightning.decode.sampling import SamplingConfig, sample_next
 from haipai_lightning.decode.token_budget import nearest_budget, token_budget_error
 from haipai_lightning.model.mixers.attention import KVShare
@@ -59,6 +60,8 @@ class Request:
     # target length of the continuation (decode/token_budget.py): the prompt is followed by the budget token
     # of the trained budget nearest to it, and generation ends at eos_id (which it needs)
     token_budget: int | None = None
+    hook: TokenHook | None = None  # may force the next tokens (decode/hooks.py), e.g. the LMLM fact lookup
+    forcing: Forcing | None = field(default=None, repr=False)  # the hook's queue, made at the first emitted token
 
 
 class _Apps:
@@ -339,7 +342,14 @@ class Engine:
             if depth_list[i] >= 0:  # recursion steps the token just processed ran (not for the prompt)
                 req.depths.append(depth_list[i])
             nxt = argmax[i] if greedy else int(sample_next(logits[i : i + 1].float(), req.sampling, self.generators[s]))
+            if req.hook is not None:  # a forced token replaces the sampled one
+                if req.forcing is None:  # the first token: the prompt itself may end in a call
+                    req.forcing = Forcing(req.hook)
+                    req.forcing.after(req.prompt, req.output)
+                nxt = req.forcing.take(nxt)
             req.output.append(nxt)
+            if req.hook is not None:
+                req.forcing.after(req.prompt, req.output)
             self.stats["tokens"] += 1
             if req.eos_id is not None and nxt == req.eos_id:
                 req.finish_reason = "stop"

@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from haipai_lightning.decode.engine import Engine, Request
+from haipai_lightning.decode.lookup import RenderingTokenizer
 from haipai_lightning.decode.sampling import SamplingConfig
 from haipai_lightning.decode.token_budget import budget_tokens
 from haipai_lightning.serve.metrics import Metrics
@@ -45,8 +46,12 @@ class EngineFailed(Exception):
     pass
 
 
-def build_app(model: Any, tokenizer: Any, model_id: str, max_batch: int = 8, max_queue: int = 64) -> FastAPI:
+def build_app(model: Any, tokenizer: Any, model_id: str, max_batch: int = 8, max_queue: int = 64,
+              lookup: Any = None) -> FastAPI:
+    """`lookup`: a token hook set on every request (decode/lookup.py's LMLM LookupHook: `haipai serve --lookup`);
+    the text sent back then shows each lookup call as its value."""
     max_len = model.cfg.max_seq_len
+    text_tok = tokenizer if lookup is None else RenderingTokenizer(tokenizer)
     eos = tokenizer.token_to_id("<|endoftext|>") or 0  # as `haipai generate` (cli/generate.py)
     table = budget_tokens(tokenizer)  # token budgets the model was trained with (decode/token_budget.py)
     served = ServedModel(model_id, max_len, model.cfg.vocab_size, model.schedule.n_recursions, eos,
@@ -110,7 +115,7 @@ def build_app(model: Any, tokenizer: Any, model_id: str, max_batch: int = 8, max
             p = parse_completion(raw, served, lambda s: tokenizer.encode(s).ids)
             reqs = [Request(ids, p.max_tokens, SamplingConfig(
                 p.max_tokens, p.temperature, p.top_k, p.top_p, None if p.seed is None else p.seed + i),
-                p.depth_budget, None if p.ignore_eos else eos, token_budget=p.token_budget)
+                p.depth_budget, None if p.ignore_eos else eos, token_budget=p.token_budget, hook=lookup)
                 for i, ids in enumerate(p.prompts)]
             jobs = scheduler.submit(reqs, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
         except QueueFull as e:
@@ -120,7 +125,7 @@ def build_app(model: Any, tokenizer: Any, model_id: str, max_batch: int = 8, max
         except APIError as e:
             return _error(metrics, e)
         metrics.prompt_tokens.inc(sum(map(len, p.prompts)))
-        run = _Run(p, jobs, queue, scheduler, tokenizer, eos, model_id, metrics, t0)
+        run = _Run(p, jobs, queue, scheduler, text_tok, eos, model_id, metrics, t0)
         if p.stream:
             return _SSE(run.sse(), run.close, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return await run.respond(request)
