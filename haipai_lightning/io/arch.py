@@ -9,12 +9,13 @@ holds only plain data; `build_model` resolves its specs through the allowlist (i
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 
 from haipai_lightning.config import ConfigError, ModelConfig
-from haipai_lightning.io.spec import build_component, component_spec
+from haipai_lightning.io.spec import build_component, component_spec, resolve_class
 from haipai_lightning.model.decoder import HaipaiModel
 
 Arch = dict[str, Any]
@@ -53,11 +54,33 @@ def build_model(arch: Arch, device: torch.device | str | None = None) -> HaipaiM
                            *(build_component(arch[k], f"model.{k}") for k in COMPONENTS))
 
 
+def _without_defaults(spec: Any) -> Any:
+    """A component spec minus the init_args equal to its class's defaults: a checkpoint written before an
+    argument existed (the CLI records every argument) still matches a config that leaves it at its default."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("init_args"), dict):
+        return spec
+    try:
+        params = inspect.signature(resolve_class(spec.get("class_path"))).parameters
+    except (ConfigError, TypeError, ValueError):
+        return spec
+
+    def default(k: str, v: Any) -> bool:
+        d = params[k].default if k in params else inspect.Parameter.empty
+        if d is inspect.Parameter.empty:
+            return False
+        return list(v) == list(d) if isinstance(v, (list, tuple)) and isinstance(d, (list, tuple)) else v == d
+
+    return {**spec, "init_args": {k: v for k, v in spec["init_args"].items() if not default(k, v)}}
+
+
 def arch_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Human-readable differences between two architecture specs."""
+    """Human-readable differences between two architecture specs (component arguments at their defaults
+    count as absent)."""
     diffs = []
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key), current.get(key)
+        if key in COMPONENTS:
+            a, b = _without_defaults(a), _without_defaults(b)
         if isinstance(a, dict) and isinstance(b, dict) and key == "config":
             diffs += [f"model.config.{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}"
                       for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
