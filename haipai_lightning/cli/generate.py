@@ -22,6 +22,8 @@ def generate_command(
     depth_budget: float | None = None,
     speculative: int = 0,
     draft_depth: int = 1,
+    compress: str | None = None,
+    kv_budget: float = 0.25,
 ) -> list[str]:
     """Sample text from a trained checkpoint (KV-cached; MoR models route causally).
 
@@ -39,6 +41,9 @@ def generate_command(
         depth_budget: cap on the mean recursion depth of the generated tokens (1..Nr; engine).
         speculative: greedy speculative decoding with this many drafted tokens per round (0 = off).
         draft_depth: recursion steps of the draft (the same model stopped early).
+        compress: compress the prompt's prefill (docs/compression.md): ehpc, reform, merge (single --prompt only),
+            recent or random; null = off.
+        kv_budget: the compression's KV budget (a fraction of the prompt <= 1, or tokens).
     """
     import torch
 
@@ -49,6 +54,13 @@ def generate_command(
     from haipai_lightning.io.loader import load_model
 
     sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed)  # checks the sampling flags
+    cc = None
+    if compress is not None:  # issue #21
+        from haipai_lightning.compress.config import CompressConfig
+
+        cc = CompressConfig(method=compress, budget=kv_budget)
+        if speculative > 0:
+            raise ConfigError("--compress and --speculative do not combine; pass one of them")
     if batch_size < 1:
         raise ConfigError(f"--batch_size {batch_size} must be >= 1 (requests in flight at once)")
     if speculative < 0:
@@ -90,10 +102,10 @@ def generate_command(
               f"acceptance {stats['acceptance']:.2f}]", file=sys.stderr)
         return texts
     if prompts is None and depth_budget is None:
-        texts = [tok.decode(generate(model, torch.tensor([encoded[0]]), sampling)[0].tolist())]
+        texts = [tok.decode(generate(model, torch.tensor([encoded[0]]), sampling, compress=cc)[0].tolist())]
         print(texts[0])
         return texts
-    engine = Engine(model, max_batch=batch_size, max_len=model.cfg.max_seq_len)
+    engine = Engine(model, max_batch=batch_size, max_len=model.cfg.max_seq_len, compress=cc)
     reqs = [engine.submit(Request(ids, max_new_tokens, SamplingConfig(
         max_new_tokens, temperature, top_k, top_p, None if seed is None else seed + i), depth_budget))
         for i, ids in enumerate(encoded)]

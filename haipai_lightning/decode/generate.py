@@ -9,8 +9,13 @@ from haipai_lightning.model.decoder import HaipaiModel
 
 
 @torch.no_grad()
-def generate(model: HaipaiModel, input_ids: torch.Tensor, s: SamplingConfig) -> torch.Tensor:
-    """input_ids (B, T) -> (B, T + new): one prefill, then one cached step per new token."""
+def generate(model: HaipaiModel, input_ids: torch.Tensor, s: SamplingConfig, compress=None,
+             records: list | None = None) -> torch.Tensor:
+    """input_ids (B, T) -> (B, T + new): one prefill, then one cached step per new token.
+
+    compress: a `compress.config.CompressConfig` (issue #21): the prefill keeps only what the method keeps
+    (evaluator heads, REFORM, token merging, sink + window, random) and decoding continues from that cache;
+    its `CompressionRecord` is appended to `records` when given."""
     model.eval()
     total = input_ids.size(1) + s.max_new_tokens
     if total > model.cfg.max_seq_len:
@@ -21,8 +26,15 @@ def generate(model: HaipaiModel, input_ids: torch.Tensor, s: SamplingConfig) -> 
     gen = None
     if s.seed is not None:
         gen = torch.Generator(device=input_ids.device).manual_seed(s.seed)
-    cache = model.new_cache(total)
-    logits = model(input_ids, cache=cache).logits[:, -1]
+    if compress is not None:
+        from haipai_lightning.compress.prefill import compressed_prefill
+
+        cache, logits, rec = compressed_prefill(model, input_ids, compress, total)
+        if records is not None:
+            records.append(rec)
+    else:
+        cache = model.new_cache(total)
+        logits = model(input_ids, cache=cache).logits[:, -1]
     out = [input_ids]
     for _ in range(s.max_new_tokens):
         nxt = sample_next(logits.float(), s, gen)[:, None]  # (B, 1)
