@@ -1,10 +1,10 @@
 """The synthetic key -> value retrieval task of benchmarks/long_context.py, and its tiny model.
 
-A context of T tokens: BOS, filler words, and `n_pairs` pairs "k1 k2 k3 = d1 d2 ;" (a 3-letter key,
-a 2-digit value) at random places; at the end a question "? k1 k2 k3 =" about one of the pairs, whose
-answer is its two digits. Only the question's answer is predictable, so the training loss is taken on
+A context of T tokens: BOS, filler words, and `n_pairs` pairs "k1 k2 k3 v ;" (a 3-letter key, a value
+token) at random places; at the end a question "? k1 k2 k3" about one of the pairs, whose answer is its
+value (chance: 1/20). Only the question's answer is predictable, so the training loss is taken on
 answer tokens only (several questions per training context). Everything is generated locally from a
-seed. Vocabulary: 26 letters, 10 digits, 8 filler words, "=", ";", "?", BOS: 48 tokens.
+seed. Vocabulary: 26 letters, 20 values, 8 filler words, ";", "?", BOS: 57 tokens.
 """
 
 from __future__ import annotations
@@ -20,41 +20,40 @@ import torch.nn.functional as F
 from haipai_lightning.config import ModelConfig
 from haipai_lightning.model.decoder import HaipaiModel
 
-LETTERS, DIGITS, FILLER = 0, 26, 36
-EQ, SEMI, QMARK, BOS = 44, 45, 46, 47
-VOCAB = 48
-PAIR_LEN, Q_LEN = 7, 5  # "k k k = d d ;"   "? k k k ="
+LETTERS, VALUES, FILLER = 0, 26, 46
+SEMI, QMARK, BOS = 54, 55, 56
+VOCAB = 57
+PAIR_LEN, Q_LEN = 5, 4  # "k k k v ;"   "? k k k" -> v
 
 
 def make_batch(B: int, T: int, n_pairs: int, n_questions: int, g: torch.Generator
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ids (B, T + 2 * n_questions ... cut to T + tail), targets (-100 but answers), needle masks).
+    """A batch of T-token contexts ending in n_questions questions (each "? k k k v ;", the last one without ";").
 
-    Returns ids (B, L), targets (B, L) for next-token training (target[t] = answer token predicted at t),
-    and needle (B, L) bool: the tokens of the pair the *last* question asks about."""
-    tail = n_questions * (Q_LEN + 3) - 1  # "? k k k = d d ;" per question, last one without ";"
+    Returns ids (B, T), targets (B, T) for next-token training (-100 except where a question's last key
+    letter predicts its value) and needle (B, T) bool: the tokens of the pair the *last* question asks about.
+    Keys are 3 letters with distinct last letters within a context; values are one of 20 tokens."""
+    tail = n_questions * (Q_LEN + 2) - 1
     body = T - tail
-    L = body + tail
-    ids = FILLER + torch.randint(0, 8, (B, L), generator=g)
+    ids = FILLER + torch.randint(0, 8, (B, T), generator=g)
     ids[:, 0] = BOS
-    tgt = torch.full((B, L), -100, dtype=torch.long)
-    needle = torch.zeros(B, L, dtype=torch.bool)
-    slots = (body - 1) // PAIR_LEN  # non-overlapping places for pairs
+    tgt = torch.full((B, T), -100, dtype=torch.long)
+    needle = torch.zeros(B, T, dtype=torch.bool)
+    slots = (body - 1) // PAIR_LEN  # non-overlapping places for the pairs
     for b in range(B):
-        keys = torch.randint(0, 26, (n_pairs * 4, 3), generator=g)
-        keys = torch.unique(keys, dim=0)[torch.randperm(torch.unique(keys, dim=0).size(0), generator=g)][:n_pairs]
-        vals = torch.randint(0, 10, (n_pairs, 2), generator=g)
+        keys = torch.randint(0, 26, (n_pairs, 3), generator=g)
+        keys[:, 2] = torch.randperm(26, generator=g)[:n_pairs]
+        vals = torch.randint(0, 20, (n_pairs,), generator=g)
         where = torch.randperm(slots, generator=g)[:n_pairs] * PAIR_LEN + 1
         for i in range(n_pairs):
             s = int(where[i])
-            ids[b, s : s + PAIR_LEN] = torch.tensor([*(LETTERS + keys[i]).tolist(), EQ, *(DIGITS + vals[i]).tolist(), SEMI])
+            ids[b, s : s + PAIR_LEN] = torch.tensor([*(LETTERS + keys[i]).tolist(), VALUES + int(vals[i]), SEMI])
         asked = torch.randperm(n_pairs, generator=g)[:n_questions]
         p = body
         for j, i in enumerate(asked.tolist()):
-            q = [QMARK, *(LETTERS + keys[i]).tolist(), EQ, *(DIGITS + vals[i]).tolist()] + ([SEMI] if j < n_questions - 1 else [])
+            q = [QMARK, *(LETTERS + keys[i]).tolist(), VALUES + int(vals[i])] + ([SEMI] if j < n_questions - 1 else [])
             ids[b, p : p + len(q)] = torch.tensor(q)
-            tgt[b, p + 4] = ids[b, p + 5]  # "=" predicts d1
-            tgt[b, p + 5] = ids[b, p + 6]  # d1 predicts d2
+            tgt[b, p + 3] = ids[b, p + 4]  # the last key letter predicts the value
             p += len(q)
         s = int(where[asked[-1]])
         needle[b, s : s + PAIR_LEN] = True
@@ -62,27 +61,32 @@ def make_batch(B: int, T: int, n_pairs: int, n_questions: int, g: torch.Generato
 
 
 def make_repeat_batch(B: int, T: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random tokens repeated once, loss on the repeat: dense supervision that grows the induction (copy)
-    circuit retrieval needs much sooner than the sparse answers alone (Olsson et al., arXiv 2209.11895)."""
-    half = T // 2
-    seq = torch.randint(0, BOS, (B, half), generator=g)
-    ids = torch.cat([torch.full((B, 1), BOS), seq, seq], 1)[:, :T]
+    """Random tokens with one span copied later at a random distance, loss on the copy: dense supervision that
+    grows the induction (copy-by-content) circuit retrieval needs much sooner than the sparse answers alone
+    (Olsson et al., arXiv 2209.11895). The distance varies per row, so a fixed-offset shortcut does not fit."""
+    ids = torch.randint(0, BOS, (B, T), generator=g)
+    ids[:, 0] = BOS
     tgt = torch.full_like(ids, -100)
-    tgt[:, half:-1] = ids[:, half + 1 :]
+    L = T // 4
+    for b in range(B):
+        s1 = 1 + int(torch.randint(0, T // 2 - L, (1,), generator=g))
+        s2 = T // 2 + int(torch.randint(0, T // 2 - L + 1, (1,), generator=g))
+        ids[b, s2 : s2 + L] = ids[b, s1 : s1 + L]
+        tgt[b, s2 : s2 + L - 1] = ids[b, s2 + 1 : s2 + L]
     return ids, tgt
 
 
 def eval_examples(n: int, T: int, n_pairs: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """n questions at context T: prompts (n, T) ending in "? k k k =", answers (n, 2), needle masks (n, T)."""
+    """n questions at context T: prompts (n, T) ending in "? k k k", answers (n, 1), needle masks (n, T)."""
     g = torch.Generator().manual_seed(seed)
-    ids, _, needle = make_batch(n, T + 2, n_pairs, 1, g)  # + the two answer digits
+    ids, _, needle = make_batch(n, T + 1, n_pairs, 1, g)  # + the answer
     return ids[:, :T], ids[:, T:], needle[:, :T]
 
 
-def model_config(max_len: int) -> ModelConfig:
-    # 4 effective layers = 2 unique layers applied twice (MoR cycle sharing, every token every step)
-    return ModelConfig(vocab_size=VOCAB, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=128,
-                       n_recursions=2, sharing="cycle", max_seq_len=max_len, tie_embeddings=True)
+def model_config(max_len: int, n_layers: int = 4, n_recursions: int = 2) -> ModelConfig:
+    # default: 4 effective layers = 2 unique layers applied twice (MoR cycle sharing, every token every step)
+    return ModelConfig(vocab_size=VOCAB, d_model=64, n_layers=n_layers, n_heads=4, n_kv_heads=2, ffn_hidden=128,
+                       n_recursions=n_recursions, sharing="cycle", max_seq_len=max_len, tie_embeddings=True)
 
 
 def train(model: HaipaiModel, steps: int, lengths: list[int], batch: int, n_pairs: int, lr: float = 3e-3, n_questions: int = 8,
@@ -129,12 +133,13 @@ def save(model: HaipaiModel, path: str, meta: dict) -> None:
 
 
 def load(path: str, max_len: int) -> tuple[HaipaiModel, dict] | None:
-    """The cached model (safetensors: no code runs on load), or None."""
+    """The cached model (safetensors: no code runs on load; its shape from the JSON beside it), or None."""
     if not (os.path.exists(path + ".safetensors") and os.path.exists(path + ".json")):
         return None
     from safetensors.torch import load_file
 
-    model = HaipaiModel(model_config(max_len))
-    model.load_state_dict(load_file(path + ".safetensors"), strict=False)
     with open(path + ".json") as f:
-        return model.eval(), json.load(f)
+        meta = json.load(f)
+    model = HaipaiModel(model_config(max_len, meta.get("n_layers", 4), meta.get("n_recursions", 2)))
+    model.load_state_dict(load_file(path + ".safetensors"), strict=False)
+    return model.eval(), meta
