@@ -1,11 +1,11 @@
 """Context compression on a long-context retrieval task (issue #21): EHPC, REFORM, token merging vs
 the sink + window (StreamingLLM) and random-token baselines, at KV budgets of 10 / 25 / 50%.
 
-A tiny Haipai model (4 effective layers = 2 unique layers x 2 recursions, d_model 64, 48-token
-vocabulary) is trained by this script on the key -> value task of long_context_task.py (256-token
-contexts, loss on answer tokens) and cached in benchmarks/results/ (safetensors), so reruns skip the
+A tiny Haipai model (3 layers, d_model 64, 4 heads, 57-token
+vocabulary) is trained by this script on the key -> value task of long_context_task.py (48- then
+128/256-token contexts, 1750 steps) and cached in benchmarks/results/ (safetensors), so reruns skip the
 training. Each method then answers questions at contexts of 1k / 2k / 4k tokens (--quick: 512 / 1k,
-fewer questions) through `generate(..., compress=...)`: greedy, exact match of the 2-digit value.
+fewer questions) through `generate(..., compress=...)`: greedy, exact match of the value token.
 
     python benchmarks/long_context.py [--quick] [--json out.json] [--retrain]
 """
@@ -32,11 +32,15 @@ from haipai_lightning.decode.sampling import SamplingConfig  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 CKPT = str(RESULTS / "long_context_model")
 MAX_LEN = 4096 + 8
-# training curriculum: short contexts with few pairs grow the retrieval circuit (attention at init is spread
-# over T tokens, so its signal is ~1/T), then longer contexts with the evaluation's 8 pairs
-SHAPE = dict(n_layers=4, n_recursions=2)
-PHASES = [dict(steps=500, lengths=[48], batch=48, n_pairs=3, n_questions=3, lr=3e-3, repeat=0.5),
-          dict(steps=200, lengths=[128, 256], batch=24, n_pairs=8, n_questions=8, lr=2e-3, repeat=0.25)]
+# Training curriculum (each phase a fresh AdamW with warm-up + cosine decay): short contexts with few pairs
+# first -- attention at init spreads over all T tokens, so the retrieval signal is ~1/T and at T=128 the
+# loss sat at chance for 600 steps here -- then longer contexts with the evaluation's 8 pairs. Repeated
+# random spans (loss on the copy) are mixed in for a dense induction signal. A vanilla 3-layer stack: the
+# 2-unique-layer MoR (cycle, Nr=2) and other variants stayed at chance within this CPU budget.
+SHAPE = dict(n_layers=3, n_recursions=1)
+PHASES = [dict(steps=500, lengths=[48], batch=48, n_pairs=3, n_questions=3, lr=3e-3, repeat=0.5, seed=0),
+          dict(steps=1000, lengths=[48], batch=48, n_pairs=3, n_questions=3, lr=3e-3, repeat=0.5, seed=5),
+          dict(steps=250, lengths=[128, 256], batch=24, n_pairs=8, n_questions=8, lr=2e-3, repeat=0.25, seed=1)]
 N_PAIRS = 8
 METHODS = ["ehpc", "reform", "merge", "recent", "random"]
 BUDGETS = [0.10, 0.25, 0.50]
@@ -52,9 +56,9 @@ def get_model(retrain: bool, path: str = CKPT) -> tuple[HaipaiModel, dict]:
     model = HaipaiModel(model_config(MAX_LEN, **SHAPE))
     t0 = time.perf_counter()
     losses = []
-    for i, ph in enumerate(PHASES):
+    for ph in PHASES:
         ph = dict(ph)
-        losses = train(model, ph.pop("steps"), ph.pop("lengths"), ph.pop("batch"), ph.pop("n_pairs"), seed=i, **ph)
+        losses = train(model, ph.pop("steps"), ph.pop("lengths"), ph.pop("batch"), ph.pop("n_pairs"), **ph)
     meta = {**SHAPE, "phases": PHASES, "steps": sum(p["steps"] for p in PHASES),
             "train_seconds": time.perf_counter() - t0, "final_loss": sum(losses[-50:]) / 50}
     RESULTS.mkdir(exist_ok=True)
@@ -89,7 +93,7 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     contexts = [512, 1024] if args.quick else [1024, 2048, 4096]
-    n_eval, batch = (16, 8) if args.quick else (48, 8)
+    n_eval, batch = (16, 8) if args.quick else (32, 8)
     model, meta = get_model(args.retrain, args.model)
     model.eval()
     # calibration (its own seed): EHPC's evaluator heads, REFORM's embedding layer, the merge ratios per budget
