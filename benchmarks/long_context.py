@@ -86,6 +86,17 @@ def run(model: HaipaiModel, ids: torch.Tensor, ans: torch.Tensor, cc: CompressCo
     return {"acc": right / n, "prefill_ms": 1000 * secs / n, "kv_kib": kv / n / 1024, "kept": frac / n}
 
 
+def judge(at: dict) -> tuple[str, bool]:
+    """(best method at 25%, goal met?). The goal needs a model that retrieves: full-context accuracy >= 0.9
+    (else every comparison is between guesses), then the best method >= 0.9x of it and above both baselines."""
+    full_acc = at[("full", 1.0)]["acc"]
+    best = max(("ehpc", "reform", "merge"), key=lambda m: at[(m, 0.25)]["acc"])
+    acc = at[(best, 0.25)]["acc"]
+    goal = (full_acc >= 0.9 and acc >= 0.9 * full_acc and acc > at[("recent", 0.25)]["acc"]
+            and acc > at[("random", 0.25)]["acc"])
+    return best, goal
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--retrain", action="store_true", help="train the model again (else the cached one)")
@@ -131,12 +142,11 @@ def main() -> None:
     headline = {"full_acc": full_acc, **{f"{m}_acc_at_25pct": at[(m, 0.25)]["acc"] for m in METHODS},
                 "best_prefill_speedup_at_25pct": max(at[(m, 0.25)]["speedup"] for m in ("ehpc", "reform", "merge")),
                 "merge_kept_fraction_at_25pct": at[("merge", 0.25)]["kept"], "context": top}
-    best = max(("ehpc", "reform", "merge"), key=lambda m: at[(m, 0.25)]["acc"])
-    goal = (at[(best, 0.25)]["acc"] >= 0.9 * full_acc and at[(best, 0.25)]["acc"] > at[("recent", 0.25)]["acc"]
-            and at[(best, 0.25)]["acc"] > at[("random", 0.25)]["acc"])
+    best, goal = judge(at)
     headline["goal_met"] = float(goal)
     print(f"\nbest method at 25%: {best}, {at[(best, 0.25)]['acc']:.3f} vs full {full_acc:.3f} "
-          f"({at[(best, 0.25)]['acc'] / full_acc if full_acc else float('nan'):.2f}x of it; goal >= 0.9x and above both baselines: "
+          f"({at[(best, 0.25)]['acc'] / full_acc if full_acc else float('nan'):.2f}x of it; goal (full >= 0.9, best >= "
+          f"0.9x of it and above both baselines): "
           f"{'met' if goal else 'NOT met'})")
     print("headline:", {k: round(v, 4) if isinstance(v, float) else v for k, v in headline.items()})
     write_json(args.json, headline, rows=rows, model=meta, heads=heads, embed_app=embed_app,
