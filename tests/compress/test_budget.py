@@ -96,7 +96,8 @@ def test_perplexity_with_a_full_budget_scores_like_the_plain_model(model):
     ids = torch.randint(0, 128, (3 * 33,))
     res = perplexity(model, ids, 32, compress=CompressConfig(method="recent", budget=1.0), compress_tail=8)
     assert res.tokens == 3 * 9
-    logits = model(ids[None, :32]).logits[0, 23:32].float()  # block 0: tokens 24..32 from their full context
+    with torch.no_grad():
+        logits = model(ids[None, :32]).logits[0, 23:32].float()  # block 0: tokens 24..32 from their full context
     ref = torch.nn.functional.cross_entropy(logits, ids[24:33], reduction="none")
     small = perplexity(model, ids[:33], 32, compress=CompressConfig(method="recent", budget=1.0), compress_tail=8)
     assert abs(small.nll - float(ref.mean())) < 1e-5
