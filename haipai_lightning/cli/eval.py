@@ -32,6 +32,9 @@ def eval_command(
     efficiency: bool = True,
     decode_tokens: int = 64,
     json: str | None = None,
+    compress: str | None = None,
+    kv_budget: float = 0.25,
+    compress_tail: int = 32,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint: validation perplexity, lm-evaluation-harness tasks, efficiency report.
 
@@ -54,6 +57,10 @@ def eval_command(
         efficiency: measure parameters, training FLOPs/token, decode tokens/s, KV-cache bytes, peak memory.
         decode_tokens: new tokens decoded for the efficiency report's timing.
         json: write every figure to this JSON file.
+        compress: perplexity with compressed contexts (docs/compression.md): ehpc, reform, merge, recent or
+            random; null = off.
+        kv_budget: the compression's KV budget (a fraction of the context <= 1, or tokens).
+        compress_tail: with --compress, tokens scored at the end of each block after the compressed context.
     """
     import torch
 
@@ -86,12 +93,19 @@ def eval_command(
     if perplexity:
         from haipai_lightning.eval.perplexity import perplexity as ppl_fn
 
-        res = ppl_fn(model, ids, T, batch_size, n_bytes)
+        cc = None
+        if compress is not None:  # issue #21: the context of each block compressed (compress/prefill.py)
+            from haipai_lightning.compress.config import CompressConfig
+
+            cc = CompressConfig(method=compress, budget=kv_budget)
+            report["compress"] = {"method": compress, "kv_budget": kv_budget, "tail": compress_tail}
+        res = ppl_fn(model, ids, T, batch_size, n_bytes, compress=cc, compress_tail=compress_tail)
         res.source, res.split = src, used_split
         report["perplexity"] = res.as_dict()
+        bpb = "n/a" if res.bits_per_byte is None else f"{res.bits_per_byte:.4f}"
         _print_table(f"Perplexity on {src} ({used_split}), blocks of {T} tokens", [
             ("tokens scored", f"{res.tokens:,}"), ("mean NLL (nats/token)", f"{res.nll:.4f}"),
-            ("perplexity", f"{res.ppl:.3f}"), ("bits per byte", f"{res.bits_per_byte:.4f}")])
+            ("perplexity", f"{res.ppl:.3f}"), ("bits per byte", bpb)])
     if tasks:
         try:
             from haipai_lightning.eval.lm_eval_adapter import HaipaiLM, run_lm_eval

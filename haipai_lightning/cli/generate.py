@@ -24,6 +24,8 @@ def generate_command(
     draft_depth: int = 1,
     token_budget: int | None = None,
     lookup: str | None = None,
+    compress: str | None = None,
+    kv_budget: float = 0.25,
 ) -> list[str]:
     """Sample text from a trained checkpoint (KV-cached; MoR models route causally).
 
@@ -46,6 +48,9 @@ def generate_command(
             (datamodules.TokenBudgetDataModule): it ends, at the end-of-text token, near this many tokens (engine).
         lookup: an LMLM fact store (SQLite, decode/lookup.py): lookup calls the model writes get their value
             from it; the text shows each call as its value.
+        compress: compress the prompt's prefill (docs/compression.md): ehpc, reform, merge (single --prompt only),
+            recent or random; null = off.
+        kv_budget: the compression's KV budget (a fraction of the prompt <= 1, or tokens).
     """
     import torch
 
@@ -57,6 +62,13 @@ def generate_command(
     from haipai_lightning.io.loader import load_model
 
     sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed)  # checks the sampling flags
+    cc = None
+    if compress is not None:  # issue #21
+        from haipai_lightning.compress.config import CompressConfig
+
+        cc = CompressConfig(method=compress, budget=kv_budget)
+        if speculative > 0:
+            raise ConfigError("--compress and --speculative do not combine; pass one of them")
     if batch_size < 1:
         raise ConfigError(f"--batch_size {batch_size} must be >= 1 (requests in flight at once)")
     if speculative < 0:
@@ -114,10 +126,11 @@ def generate_command(
     # (unset: the head chooses from the prompt); the engine caps the depth of the others and honours token budgets
     budgeted = getattr(model.router, "budget_head", None) is not None
     if prompts is None and token_budget is None and (depth_budget is None or budgeted):
-        texts = [tok.decode(generate(model, torch.tensor([encoded[0]]), sampling, budget=depth_budget, hook=hook)[0].tolist())]
+        texts = [tok.decode(generate(model, torch.tensor([encoded[0]]), sampling, budget=depth_budget, hook=hook,
+                                     compress=cc)[0].tolist())]
         print(texts[0])
         return texts
-    engine = Engine(model, max_batch=batch_size, max_len=model.cfg.max_seq_len, budget_tokens=table)
+    engine = Engine(model, max_batch=batch_size, max_len=model.cfg.max_seq_len, budget_tokens=table, compress=cc)
     reqs = [engine.submit(Request(ids, max_new_tokens, SamplingConfig(
         max_new_tokens, temperature, top_k, top_p, None if seed is None else seed + i), depth_budget,
         eos if token_budget is not None else None, token_budget=token_budget, hook=hook))

@@ -83,7 +83,7 @@ class Engine:
     """Batch generation with continuous depth-wise batching. Greedy outputs equal one-at-a-time generation."""
 
     def __init__(self, model: HaipaiModel, max_batch: int = 8, max_len: int | None = None,
-                 budget_tokens: dict[int, int] | None = None) -> None:
+                 budget_tokens: dict[int, int] | None = None, compress=None) -> None:
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"Engine max_batch={max_batch!r} must be an integer >= 1: the number of request slots "
                              "decoded together (haipai generate --batch_size)")
@@ -129,6 +129,8 @@ class Engine:
         self.rstate: torch.Tensor | None = None  # (S, m) the router's per-token decode state (router.decode_start)
         self.allowed = torch.full((self.S,), self.nr, dtype=torch.long, device=dev)
         self.generators: list[torch.Generator | None] = [None] * self.S
+        # issue #21: a compress.config.CompressConfig compresses every prompt's prefill (compress/prefill.py)
+        self.compress = compress
         self.stats = {"ticks": 0, "block_passes": 0, "block_tokens": 0, "tokens": 0, "cancelled": 0}
 
     # -------------------------------------------------------------- public API
@@ -229,7 +231,12 @@ class Engine:
         for n, group in by_len.items():  # one batched prefill per prompt length
             slots = torch.tensor(group, device=dev)
             prompts = torch.tensor([self._prompt(self.slot_req[s]) for s in group], device=dev)  # (G, n)
-            logits = self.model(prompts, cache=_Apps(self, slots)).logits[:, -1]  # (G, V)
+            if self.compress is not None:  # only the kept prompt tokens' keys/values enter the slots' rows
+                from haipai_lightning.compress.prefill import engine_prefill
+
+                logits = engine_prefill(self.model, prompts, _Apps(self, slots), self.compress)
+            else:
+                logits = self.model(prompts, cache=_Apps(self, slots)).logits[:, -1]  # (G, V)
             self.pos[slots] = n
             self._emit(slots, logits, torch.full((len(group),), -1, dtype=torch.long, device=dev))
 

@@ -13,7 +13,7 @@ from haipai_lightning.model.decoder import HaipaiModel
 @torch.no_grad()
 def generate(model: HaipaiModel, input_ids: torch.Tensor, s: SamplingConfig,
              budget: float | torch.Tensor | None = None, hook: TokenHook | None = None, compile: bool = False,
-             fast: bool = True) -> torch.Tensor:
+             fast: bool = True, compress=None, records: list | None = None) -> torch.Tensor:
     """input_ids (B, T) -> (B, T + new): one prefill, then one cached step per new token.
     `budget`: the compute of each sequence in the router's budget unit (model/budget.py; None = the
     router's budget head chooses from the prompt, if it has one). `hook` (decode/hooks.py) may force
@@ -22,6 +22,10 @@ def generate(model: HaipaiModel, input_ids: torch.Tensor, s: SamplingConfig,
     Dense models (every token runs every layer, no budget) decode through `StaticDecoder` (static KV
     buffers, fused projections; `compile=True` compiles its step); others, or fast=False, through the
     model's general cached forward (the reference path).
+
+    compress: a `compress.config.CompressConfig` (issue #21): the prefill keeps only what the method keeps
+    (evaluator heads, REFORM, token merging, sink + window, random) and decoding continues from that cache
+    (general path); its `CompressionRecord` is appended to `records` when given.
     """
     model.eval()
     total = input_ids.size(1) + s.max_new_tokens
@@ -33,13 +37,20 @@ def generate(model: HaipaiModel, input_ids: torch.Tensor, s: SamplingConfig,
     gen = None
     if s.seed is not None:
         gen = torch.Generator(device=input_ids.device).manual_seed(s.seed)
-    if fast and budget is None and StaticDecoder.unsupported(model) is None:
+    if compress is not None:
+        from haipai_lightning.compress.prefill import compressed_prefill
+
+        cache, logits, rec = compressed_prefill(model, input_ids, compress, total)
+        if records is not None:
+            records.append(rec)
+        step = lambda ids: model(ids, cache=cache, budget=budget).logits[:, -1]  # noqa: E731
+    elif fast and budget is None and StaticDecoder.unsupported(model) is None:
         dec = StaticDecoder.cached(model, input_ids.size(0), total, compile=compile)
-        first, step = dec.prefill, dec.step
+        logits, step = dec.prefill(input_ids), dec.step
     else:
         cache = model.new_cache(total)
-        first = step = lambda ids: model(ids, cache=cache, budget=budget).logits[:, -1]  # noqa: E731
-    logits = first(input_ids)
+        step = lambda ids: model(ids, cache=cache, budget=budget).logits[:, -1]  # noqa: E731
+        logits = step(input_ids)
     out = [input_ids]
     if hook is not None:
         forcing = [Forcing(hook) for _ in range(input_ids.size(0))]

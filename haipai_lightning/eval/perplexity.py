@@ -69,8 +69,18 @@ def token_nll(model: torch.nn.Module, ids: torch.Tensor, seq_len: int, batch_siz
 
 
 def perplexity(model: torch.nn.Module, ids: torch.Tensor, seq_len: int, batch_size: int = 8,
-               n_bytes: int | None = None) -> PerplexityResult:
-    """Perplexity = exp(mean token NLL) over the whole stream `ids` (N,)."""
+               n_bytes: int | None = None, compress=None, compress_tail: int = 32) -> PerplexityResult:
+    """Perplexity = exp(mean token NLL) over the whole stream `ids` (N,).
+
+    compress: a `compress.config.CompressConfig` (issue #21): each block's first seq_len - compress_tail
+    tokens are a compressed context and only its last compress_tail + 1 tokens are scored (bits per byte
+    is then left out: the scored tokens are not the whole text)."""
+    if compress is not None:
+        from haipai_lightning.compress.prefill import compressed_token_nll
+
+        nll = compressed_token_nll(model, ids, seq_len, compress, compress_tail).double()
+        mean = float(nll.mean())
+        return PerplexityResult(nll=mean, ppl=math.exp(mean), tokens=int(nll.numel()))
     nll = token_nll(model, ids, seq_len, batch_size).double()
     mean = float(nll.mean())
     bpb = float(nll.sum()) / (math.log(2) * n_bytes) if n_bytes else None
