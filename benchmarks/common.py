@@ -75,3 +75,10 @@ def write_json(path: str | None, headline: dict[str, float], **rest: Any) -> Non
     with open(tmp, "w") as f:
         json.dump({"headline": headline, "env": info, **rest}, f, indent=2)
     os.replace(tmp, path)
+
+
+def forever(dm):
+    """Training batches of a data module without end: epoch after epoch (a fresh shuffle each)."""
+    while True:
+        yield from dm.train_dataloader()
+

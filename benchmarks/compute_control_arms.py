@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import parser, table, write_json  # noqa: E402
+from benchmarks.common import forever, parser, table, write_json  # noqa: E402
 from haipai_lightning.config import ModelConfig  # noqa: E402
 from haipai_lightning.decode.engine import Engine, Request  # noqa: E402
 from haipai_lightning.decode.token_budget import budget_tokens, nearest_budget  # noqa: E402
@@ -56,11 +56,6 @@ def _train(model: HaipaiModel, batches, steps: int, lr: float = 3e-3) -> None:
         sched.step()
 
 
-def _forever(dm):
-    while True:
-        yield from dm.train_dataloader()
-
-
 @torch.no_grad()
 def _val(model: HaipaiModel, batches: list) -> tuple[float, float | None]:
     """(mean validation loss, mean active learners over the ACM records or None)."""
@@ -86,15 +81,15 @@ def acm_arm(args) -> tuple[list[dict], dict]:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     dense = HaipaiModel(_cfg(1024, seq))
-    it = _forever(dm)
+    it = forever(dm)
     _train(dense, it, steps // 2)
     half = HaipaiModel(_cfg(1024, seq))
     half.load_state_dict(dense.state_dict())
     _train(dense, it, steps - steps // 2)  # the dense arm: S steps in all
-    it = _forever(dm)  # the ACM arm sees the same batches from its own stream
+    it = forever(dm)  # the ACM arm sees the same batches from its own stream
     for _ in range(steps // 2):
         next(it)
-    calib = next(_forever(dm))["input_ids"]
+    calib = next(forever(dm))["input_ids"]
     acm = acmize(half, calibration_ids=calib, n_learners=N, budget=0.5, budget_loss_weight=1.0)
     short = steps // 16  # distillation and gate pre-training do not train the LM: keep them short
     train_acm_phases(acm, it, short, short, steps - steps // 2 - 2 * short, final_lr_fraction=0.1)
@@ -140,7 +135,7 @@ def token_budget_arm(args) -> tuple[list[dict], dict]:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model = HaipaiModel(_cfg(1024, seq))
-    _train(model, _forever(dm), steps)
+    _train(model, forever(dm), steps)
     # held-out prompts: validation text the model never trained on, budgets off and on the trained ladder
     g = torch.Generator().manual_seed(1)
     tokens = dm.datasets["val"].tokens

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import alternate, parser, table, write_json  # noqa: E402
+from benchmarks.common import alternate, forever, parser, table, write_json  # noqa: E402
 from haipai_lightning.config import ModelConfig  # noqa: E402
 from haipai_lightning.decode.engine import Engine  # noqa: E402
 from haipai_lightning.decode.generate import generate  # noqa: E402
@@ -80,13 +80,8 @@ def train_routers(m: HaipaiModel, V: int, steps: int, tag: str) -> dict:
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=1e-2)
-    it, t0, m_train = iter(dm.train_dataloader()), time.perf_counter(), m.train()
-    for _ in range(steps):
-        try:
-            b = next(it)
-        except StopIteration:
-            it = iter(dm.train_dataloader())
-            b = next(it)
+    it, t0, m_train = forever(dm), time.perf_counter(), m.train()
+    for _, b in zip(range(steps), it):
         out = m_train(b["input_ids"])
         loss = sum(v for rec in out.records for k, v in rec.aux_losses.items() if k == "bce")
         opt.zero_grad(set_to_none=True)

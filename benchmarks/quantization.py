@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import alternate, parser, table, write_json  # noqa: E402
+from benchmarks.common import alternate, forever, parser, table, write_json  # noqa: E402
 from haipai_lightning.decode.static import StaticDecoder  # noqa: E402
 from datamodules import TextDataModule  # noqa: E402
 from haipai_lightning.config import ModelConfig  # noqa: E402
@@ -66,13 +66,8 @@ def train(model: HaipaiModel, dm: TextDataModule, steps: int, lr: float = 3e-3) 
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / 30, 1.0, max(0.1, (steps - s) / (0.3 * steps))))
     model.train()
-    it, t0 = iter(dm.train_dataloader()), time.perf_counter()
-    for _ in range(steps):
-        try:
-            b = next(it)
-        except StopIteration:
-            it = iter(dm.train_dataloader())
-            b = next(it)
+    it, t0 = forever(dm), time.perf_counter()
+    for _, b in zip(range(steps), it):
         out = model(b["input_ids"])
         loss = F.cross_entropy(out.logits.flatten(0, 1), b["labels"].flatten()) + sum(out.aux_losses.values())
         opt.zero_grad(set_to_none=True)

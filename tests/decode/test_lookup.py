@@ -33,13 +33,7 @@ def test_store_matches_keys_without_case_and_edits_in_place(tmp_path):
         FactStore(tmp_path / "missing.db")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """d=32 matrices: a second thread costs more in synchronisation than it computes (10x on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
