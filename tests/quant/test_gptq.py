@@ -48,7 +48,7 @@ def trained():
     """A small MoR model (d=64) trained briefly on King James Bible text; training / validation batches."""
     cfg = ModelConfig(vocab_size=1024, d_model=64, n_layers=5, n_heads=4, n_kv_heads=2, ffn_hidden=128,
                       max_seq_len=64, n_recursions=3, sharing="middle_cycle")
-    m, it, dm = train_on_kjv(lambda: HaipaiModel(cfg, router=ExpertChoiceRouter), steps=40)
+    m, it, dm = train_on_kjv(lambda: HaipaiModel(cfg, router=ExpertChoiceRouter), steps=80)
     calib = [next(it) for _ in range(2)]
     val = [b for _, b in zip(range(2), dm.val_dataloader())]
     return m.eval(), calib, val
