@@ -35,7 +35,7 @@ from datamodules.curriculum import SCORES, curriculum_data
 from datamodules.multiscale import MultiScaleHook, check_multiscale
 from datamodules.prepare import TOKENIZER, load_index, splitmix64
 from datamodules.prepared_curriculum import StageBlocks, stage_blocks
-from datamodules.tokenizer import id_space, load_tokenizer
+from datamodules.tokenizer import id_space, load_tokenizer, tokenizer_json
 from haipai_lightning.config import ConfigError
 
 CHUNK = 1 << 16  # mixture draws generated per numpy call
@@ -374,9 +374,8 @@ class StreamingDataModule(MultiScaleHook, L.LightningDataModule):
 
     # --------------------------------------------------------------- helpers
     def tokenizer_json(self) -> str:
-        if self.tokenizer is None:
-            raise RuntimeError("call setup() first: the tokenizer is loaded there")
-        return self.tokenizer.to_str()
+        """The tokenizer serialized as JSON (to store next to a checkpoint)."""
+        return tokenizer_json(self.tokenizer)
 
     @property
     def eos_token_id(self) -> int:

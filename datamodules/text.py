@@ -35,7 +35,7 @@ from datamodules.streaming import StreamingDataModule
 from datamodules.packed import PackedDataset, replace_atomically
 from datamodules.lmlm import MARKERS, LMLMPackedDataset, check_tokenizer
 from datamodules.curriculum import build_stages, check_curriculum_args, curriculum_data, warmup_data
-from datamodules.tokenizer import eos_id, id_space, load_tokenizer, train_tokenizer
+from datamodules.tokenizer import eos_id, id_space, load_tokenizer, tokenizer_json, train_tokenizer
 from haipai_lightning.config import ConfigError
 
 # Bump when the on-disk format or the processing changes, so old caches are not reused.
@@ -422,9 +422,7 @@ class TextDataModule(MultiScaleHook, L.LightningDataModule):
     # --------------------------------------------------------------- helpers
     def tokenizer_json(self) -> str:
         """The tokenizer serialized as JSON (to store next to a checkpoint)."""
-        if self.tokenizer is None:
-            raise RuntimeError("call setup() first: the tokenizer is loaded there")
-        return self.tokenizer.to_str()
+        return tokenizer_json(self.tokenizer)
 
     @property
     def eos_token_id(self) -> int:

@@ -66,3 +66,11 @@ def eos_id(tok: Tokenizer) -> int:
 def id_space(tok: Tokenizer) -> int:
     """1 + the largest id: the embedding size a model needs (ids may have gaps in user files)."""
     return max(tok.get_vocab(with_added_tokens=True).values()) + 1
+
+
+def tokenizer_json(tok) -> str:
+    """A data module's tokenizer serialized as JSON (stored next to a checkpoint); setup() loads it."""
+    if tok is None:
+        raise RuntimeError("call setup() first: the tokenizer is loaded there")
+    return tok.to_str()
+
