@@ -78,3 +78,14 @@ def mixer_inputs(cfg, seed: int = 0, *, batch: int, length: int):
     x = torch.randn(batch, length, cfg.d_model)
     cos, sin = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)(torch.arange(length))
     return x, cos, sin
+
+
+def attention_twin(mixer, cfg):
+    """A plain `Attention` holding `mixer`'s shared weights (wq, wk, wv, wo): the standard case an attention
+    variant must reduce to."""
+    from haipai_lightning.model.mixers.attention import Attention
+
+    ref = Attention(cfg)
+    ref.load_state_dict(mixer.state_dict(), strict=False)
+    return ref
+

@@ -98,10 +98,7 @@ def test_compile_off_and_on_give_the_same_tokens():
     x = torch.randint(0, V, (2, 4))
     s = SamplingConfig(max_new_tokens=3, temperature=0)
     eager = generate(m, x, s)
-    try:
-        compiled = generate(m, x, s, compile="aot_eager")
-    except Exception as e:  # noqa: BLE001 - a torch build without a working dynamo: nothing to compare
-        pytest.skip(f"torch.compile failed here: {type(e).__name__}")
+    compiled = generate(m, x, s, compile="aot_eager")  # a failure to compile our step is a failure, not a skip
     assert torch.equal(compiled, eager)
 
 

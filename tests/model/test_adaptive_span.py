@@ -4,9 +4,9 @@ span ignored, the L1 aux loss and its record."""
 from functools import partial
 
 import torch
-from helpers import tiny_config, mixer_inputs
+from helpers import attention_twin, mixer_inputs, tiny_config
 
-from haipai_lightning.model.mixers import AdaptiveSpanAttention, Attention
+from haipai_lightning.model.mixers import AdaptiveSpanAttention
 
 B, T = 2, 12
 
@@ -29,8 +29,7 @@ def test_mask_formula():
 def test_span_at_least_sequence_length_is_full_attention():
     cfg = tiny_config()
     span = AdaptiveSpanAttention(cfg, max_span=T, init_span=1.0)
-    ref = Attention(cfg)
-    ref.load_state_dict(span.state_dict(), strict=False)
+    ref = attention_twin(span, cfg)
     x, cos, sin = inputs(cfg)
     torch.testing.assert_close(span(x, cos, sin), ref(x, cos, sin), atol=1e-6, rtol=0)
 

@@ -5,10 +5,10 @@ from functools import partial
 
 import pytest
 import torch
-from helpers import tiny_config, mixer_inputs
+from helpers import attention_twin, mixer_inputs, tiny_config
 
 from haipai_lightning.config import ConfigError
-from haipai_lightning.model.mixers import Attention, CoreContextAttention
+from haipai_lightning.model.mixers import CoreContextAttention
 
 B, T = 2, 12
 
@@ -23,8 +23,7 @@ def test_reductions_to_full_attention(group):
     m = CoreContextAttention(cfg, group=group)
     with torch.no_grad():
         m.pool_query.normal_()
-    ref = Attention(cfg)
-    ref.load_state_dict(m.state_dict(), strict=False)
+    ref = attention_twin(m, cfg)
     x, cos, sin = inputs(cfg)
     torch.testing.assert_close(m(x, cos, sin), ref(x, cos, sin), atol=1e-6, rtol=0)
 

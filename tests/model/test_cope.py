@@ -4,10 +4,10 @@ from functools import partial
 
 import pytest
 import torch
-from helpers import tiny_config, mixer_inputs
+from helpers import attention_twin, mixer_inputs, tiny_config
 
 from haipai_lightning.config import ConfigError
-from haipai_lightning.model.mixers import Attention, CoPEAttention
+from haipai_lightning.model.mixers import CoPEAttention
 
 B, T = 2, 8
 
@@ -50,8 +50,7 @@ def test_zero_position_embeddings_with_rope_is_attention():
     m = CoPEAttention(cfg, rope=True)
     with torch.no_grad():
         m.pos_emb.zero_()
-    ref = Attention(cfg)
-    ref.load_state_dict(m.state_dict(), strict=False)
+    ref = attention_twin(m, cfg)
     x, cos, sin = inputs(cfg)
     torch.testing.assert_close(m(x, cos, sin), ref(x, cos, sin), atol=1e-6, rtol=0)
 

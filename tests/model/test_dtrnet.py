@@ -5,10 +5,10 @@ from functools import partial
 
 import pytest
 import torch
-from helpers import tiny_config, mixer_inputs
+from helpers import attention_twin, mixer_inputs, tiny_config
 
 from haipai_lightning.config import ConfigError
-from haipai_lightning.model.mixers import Attention, DTRNetAttention
+from haipai_lightning.model.mixers import DTRNetAttention
 
 B, T = 3, 10
 
@@ -16,17 +16,11 @@ B, T = 3, 10
 inputs = partial(mixer_inputs, batch=B, length=T)  # (x (B, T, D), cos, sin)
 
 
-def dense_twin(m, cfg):
-    ref = Attention(cfg)
-    ref.load_state_dict(m.state_dict(), strict=False)
-    return ref
-
-
 @pytest.mark.parametrize("window", [None, 4])
 def test_capacity_one_is_the_dense_layer(window):
     cfg = tiny_config()
     m = DTRNetAttention(cfg, capacity=1.0, window=window).train()
-    ref = dense_twin(m, cfg)
+    ref = attention_twin(m, cfg)
     ref.window = window
     x, cos, sin = inputs(cfg)
     torch.testing.assert_close(m(x, cos, sin), ref(x, cos, sin), atol=1e-6, rtol=0)
@@ -83,7 +77,7 @@ def test_padded_rows_never_route_pads():
     records = []
     y = m(x, cos, sin, valid=valid, records=records)
     assert not bool(records[0].selected[0, 6:].any())
-    ref = dense_twin(m, cfg)
+    ref = attention_twin(m, cfg)
     torch.testing.assert_close(y[0, :6], ref(x[:1, :6], cos[:6], sin[:6])[0], atol=1e-6, rtol=0)
 
 

@@ -5,10 +5,10 @@ from functools import partial
 
 import pytest
 import torch
-from helpers import tiny_config, mixer_inputs
+from helpers import attention_twin, mixer_inputs, tiny_config
 
 from haipai_lightning.config import ConfigError
-from haipai_lightning.model.mixers import Attention, MixtureOfHeadsAttention
+from haipai_lightning.model.mixers import MixtureOfHeadsAttention
 
 B, T = 2, 9
 
@@ -20,8 +20,7 @@ inputs = partial(mixer_inputs, batch=B, length=T)  # (x (B, T, D), cos, sin)
 def test_all_heads_unit_weights_is_multi_head_attention(n_shared):
     cfg = tiny_config()
     moh = MixtureOfHeadsAttention(cfg, n_shared=n_shared, top_k=cfg.n_heads - n_shared, gate_weights=False)
-    ref = Attention(cfg)
-    ref.load_state_dict(moh.state_dict(), strict=False)
+    ref = attention_twin(moh, cfg)
     x, cos, sin = inputs(cfg)
     torch.testing.assert_close(moh(x, cos, sin), ref(x, cos, sin), atol=1e-6, rtol=0)
 
